@@ -1,0 +1,914 @@
+"""Helpers shared by the notebooks: data, models, training, checkpoints, evaluation, pictures.
+
+The module reads top to bottom in the order the notebooks meet it.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import pickle
+import re
+import tarfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PROJECT_DIR = Path(__file__).resolve().parent
+DATA_DIR = PROJECT_DIR / "data"
+QUICK = os.environ.get("CIFAR_QUICK", "") not in ("", "0")
+
+# --------------------------------------------------------------------------- data
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+           "dog", "frog", "horse", "ship", "truck")
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+SEED_STD = (0.2023, 0.1994, 0.2010)  # the std the seeds (and kuangliu) normalize with
+TRUE_STD = (0.2470, 0.2435, 0.2616)  # the measured per-channel std of the training pixels
+NPY_FILES = ("x_train.npy", "y_train.npy", "x_test.npy", "y_test.npy")
+BATCHES_DIR = "cifar-10-batches-py"
+TARBALL = "cifar-10-python.tar.gz"
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler for the official CIFAR batches: numpy arrays and plain containers only."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}  # bytes under protocol 2
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"CIFAR batch refers to {module}.{name}; only numpy arrays are allowed")
+        return super().find_class(module, name)
+
+
+def _read_batch(fileobj):
+    """Images (N, 32, 32, 3) uint8 and labels (N,) int64 from one official pickle batch."""
+    d = _ArrayUnpickler(fileobj, encoding="bytes").load()
+    x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(x), np.asarray(d[b"labels"], dtype=np.int64)
+
+
+def _stack_batches(open_batch):
+    """Concatenate data_batch_1..5 and test_batch, opened by `open_batch(name)`."""
+    train = [_read_batch(open_batch(f"data_batch_{i}")) for i in range(1, 6)]
+    x_test, y_test = _read_batch(open_batch("test_batch"))
+    return (np.concatenate([b[0] for b in train]), np.concatenate([b[1] for b in train]), x_test, y_test)
+
+
+def _load_from(place: Path):
+    """The four arrays from one folder in any accepted form, or None if none is there."""
+    if all((place / f).is_file() for f in NPY_FILES):
+        x_tr, y_tr, x_te, y_te = (np.load(place / f, allow_pickle=False) for f in NPY_FILES)
+        return x_tr.astype(np.uint8, copy=False), y_tr.astype(np.int64), x_te.astype(np.uint8, copy=False), y_te.astype(np.int64)
+    if (place / BATCHES_DIR / "data_batch_1").is_file():
+        return _stack_batches(lambda name: open(place / BATCHES_DIR / name, "rb"))
+    if (place / TARBALL).is_file():
+        with tarfile.open(place / TARBALL, "r:gz") as tar:
+            return _stack_batches(lambda name: io.BytesIO(tar.extractfile(f"{BATCHES_DIR}/{name}").read()))
+    return None
+
+
+def load_cifar10(root=None, download=True):
+    """Return (x_train, y_train, x_test, y_test): uint8 N x 32 x 32 x 3 images and int64 labels, official order."""
+    places = [Path(p) for p in (root, os.environ.get("CIFAR10_DIR"), DATA_DIR) if p]
+    for place in places:
+        arrays = _load_from(place)
+        if arrays is not None:
+            return _check_arrays(arrays, place)
+    reason = "download=False"
+    if download:
+        try:
+            import torchvision
+            torchvision.datasets.CIFAR10(root=str(DATA_DIR), train=True, download=True)
+            return _check_arrays(_load_from(DATA_DIR), DATA_DIR)
+        except Exception as e:  # no network, disk full, ...: report it with the places searched
+            reason = f"download failed: {type(e).__name__}: {e}"
+    searched = "\n".join(f"  - {p}" for p in places)
+    raise FileNotFoundError(
+        f"CIFAR-10 not found ({reason}). Searched, in order:\n{searched}\n"
+        f"Each place may hold the four files {', '.join(NPY_FILES)}, the folder {BATCHES_DIR}/, or {TARBALL}.\n"
+        "Fix: pass load_cifar10(root=DIR), set the environment variable CIFAR10_DIR=DIR, "
+        f"put the data in {DATA_DIR}, or allow the torchvision download (needs internet).")
+
+
+def _check_arrays(arrays, place):
+    """Validate shapes and dtypes of loaded arrays; name the folder in the error."""
+    x_tr, y_tr, x_te, y_te = arrays
+    for name, x, y in (("train", x_tr, y_tr), ("test", x_te, y_te)):
+        if x.ndim != 4 or x.shape[1:] != (32, 32, 3) or len(x) != len(y):
+            raise ValueError(f"{place}: x_{name} should be N x 32 x 32 x 3 with N labels, got {x.shape} and {y.shape}")
+    return x_tr, y_tr, x_te, y_te
+
+
+def train_val_split(x, y, val_size=5000, seed=0):
+    """Stratified, seeded split of the training set into (x_train, y_train, x_val, y_val), official order kept."""
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(y, return_counts=True)
+    per_class = np.floor(counts / counts.sum() * val_size).astype(int)
+    per_class[np.argsort(-(counts / counts.sum() * val_size - per_class))[: val_size - per_class.sum()]] += 1
+    val_idx = np.concatenate([rng.choice(np.flatnonzero(y == c), k, replace=False) for c, k in zip(classes, per_class)])
+    is_val = np.zeros(len(y), dtype=bool)
+    is_val[val_idx] = True
+    return x[~is_val], y[~is_val], x[is_val], y[is_val]
+
+
+def images_to_tensor(x):
+    """uint8 N x H x W x 3 array (or N x 3 x H x W tensor) to a uint8 N x 3 x H x W tensor."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
+    return x.contiguous()
+
+
+@dataclass
+class Preprocess:
+    """How images become network input: scale to [0, 1], optional resize, then normalize."""
+
+    mean: tuple = CIFAR_MEAN
+    std: tuple = SEED_STD
+    per_image: bool = False  # per-image standardization (seed 003) instead of mean/std
+    size: int = 32  # 224 for resnet18_imagenet
+
+    def __call__(self, x):
+        """Float N x 3 x size x size batch from uint8 (0..255) or float (0..1) images."""
+        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        if x.shape[-1] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        if self.per_image:
+            flat = x.flatten(1)
+            std = flat.std(1, unbiased=False).clamp_min(1 / math.sqrt(flat.shape[1]))
+            return (x - flat.mean(1).view(-1, 1, 1, 1)) / std.view(-1, 1, 1, 1)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+
+def augment_batch(x, generator=None, pad=4):
+    """Random crop after `pad`-pixel zero padding and random horizontal flip, drawn per image, on x's device."""
+    n, _, h, w = x.shape
+    oy = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator).to(x.device)
+    ox = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator).to(x.device)
+    flip = (torch.rand(n, 1, generator=generator) < 0.5).to(x.device)
+    rows = oy + torch.arange(h, device=x.device)
+    cols = ox + torch.where(flip, torch.arange(w - 1, -1, -1, device=x.device), torch.arange(w, device=x.device))
+    padded = F.pad(x, (pad, pad, pad, pad)).permute(0, 2, 3, 1)  # N x H x W x C for one gather
+    out = padded[torch.arange(n, device=x.device).view(n, 1, 1), rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+class BatchLoader:
+    """Seeded batches of (images, labels) from a uint8 tensor held once on the device, augmented there."""
+
+    def __init__(self, x, y, batch_size=128, preprocess=None, augment=False, shuffle=False,
+                 drop_last=False, seed=0, device="cpu", rank=0, world_size=1):
+        self.x = images_to_tensor(x).to(device)
+        self.y = torch.as_tensor(np.asarray(y), dtype=torch.long).to(device)
+        self.batch_size, self.augment, self.shuffle, self.drop_last = batch_size, augment, shuffle, drop_last
+        self.preprocess = preprocess or Preprocess()
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+
+    def set_epoch(self, epoch):
+        """Choose the epoch whose order and augmentation the next pass uses (exact resume)."""
+        self.epoch = epoch
+
+    def _order(self, generator):
+        n = len(self.y)
+        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+        if self.world_size > 1:  # every rank takes an equal shard of the same permutation
+            order = order[: n - n % self.world_size][self.rank:: self.world_size]
+        return order
+
+    def __len__(self):
+        n = len(self._order(torch.Generator().manual_seed(0)))
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = self._order(g)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size].to(self.x.device)
+            xb = self.x[idx]
+            if self.augment:
+                xb = augment_batch(xb, g)
+            yield self.preprocess(xb).contiguous(memory_format=torch.channels_last), self.y[idx]
+        self.epoch += 1  # a plain loop over epochs reshuffles
+
+# --------------------------------------------------------------------------- models
+
+
+class PadShortcut(nn.Module):
+    """Option A shortcut of He et al.: subsample by 2 and zero-pad the new channels (no parameters)."""
+
+    def __init__(self, extra_channels):
+        super().__init__()
+        self.extra = extra_channels
+
+    def forward(self, x):
+        x = x[:, :, ::2, ::2]
+        return F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+
+
+def _projection(in_planes, out_planes, stride):
+    """Option B shortcut: 1x1 convolution and batch norm."""
+    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False), nn.BatchNorm2d(out_planes))
+
+
+def _shortcut(in_planes, out_planes, stride, kind):
+    """Identity when shapes match, else option A (zero pad) or B (projection)."""
+    if stride == 1 and in_planes == out_planes:
+        return nn.Sequential()
+    return PadShortcut(out_planes - in_planes) if kind == "A" else _projection(in_planes, out_planes, stride)
+
+
+def _preact_shortcut(in_planes, out_planes, stride):
+    """Identity, or a bare 1x1 projection applied to the pre-activated input (He et al. 2016b)."""
+    if stride == 1 and in_planes == out_planes:
+        return nn.Sequential()
+    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a residual connection (post-activation, ResNet v1)."""
+
+    expansion = 1
+
+    def __init__(self, in_planes, planes, stride=1, shortcut="B"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = _shortcut(in_planes, planes, stride, shortcut)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation basic block (He et al. 2016b): BN-ReLU-conv twice."""
+
+    expansion = 1
+
+    def __init__(self, in_planes, planes, stride=1, shortcut="B"):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.shortcut = _preact_shortcut(in_planes, planes, stride)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        short = self.shortcut(out) if len(self.shortcut) else x  # projections see the activated input
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + short
+
+
+class PreActBottleneck(nn.Module):
+    """Pre-activation bottleneck block (1x1, 3x3, 1x1), the "version 2" block of seeds 003/004."""
+
+    expansion = 4
+
+    def __init__(self, in_planes, planes, stride=1, shortcut="B"):
+        super().__init__()
+        out_planes = planes * self.expansion
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_planes, 1, bias=False)
+        self.shortcut = _preact_shortcut(in_planes, out_planes, stride)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        short = self.shortcut(out) if len(self.shortcut) else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        out = self.conv3(F.relu(self.bn3(out)))
+        return out + short
+
+
+class ResNet(nn.Module):
+    """ResNet with the seeds' state_dict names: conv1, bn1, layer1..., linear."""
+
+    def __init__(self, block, num_blocks, widths, num_classes=10, stem="cifar", shortcut="B"):
+        super().__init__()
+        self.preact = block in (PreActBlock, PreActBottleneck)
+        self.in_planes = widths[0]
+        if stem == "imagenet":  # seed 002: 7x7 stride 2 convolution and max-pool, for 224 x 224 input
+            self.conv1 = nn.Conv2d(3, widths[0], 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        else:
+            self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        # pre-activation nets normalize after the last block instead of after the stem
+        self.bn1 = nn.BatchNorm2d(widths[-1] * block.expansion if self.preact else widths[0])
+        for i, (planes, n) in enumerate(zip(widths, num_blocks)):
+            stride = 1 if i == 0 else 2
+            setattr(self, f"layer{i + 1}", self._make_layer(block, planes, n, stride, shortcut))
+        self.num_layers = len(widths)
+        self.linear = nn.Linear(widths[-1] * block.expansion, num_classes)
+        self._init_weights()
+
+    def _make_layer(self, block, planes, num_blocks, stride, shortcut):
+        layers = []
+        for s in [stride] + [1] * (num_blocks - 1):
+            layers.append(block(self.in_planes, planes, s, shortcut))
+            self.in_planes = planes * block.expansion
+        return nn.Sequential(*layers)
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def features(self, x):
+        """Penultimate features: the pooled output of the last stage."""
+        out = self.conv1(x)
+        if not self.preact:
+            out = F.relu(self.bn1(out))
+        out = self.maxpool(out)
+        for i in range(1, self.num_layers + 1):
+            out = getattr(self, f"layer{i}")(out)
+        if self.preact:
+            out = F.relu(self.bn1(out))
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+
+    def forward(self, x):
+        return self.linear(self.features(x))
+
+
+def _cifar_depth(name, prefix, step):
+    """Depth from a name like resnet56 (6n+2) or preact_resnet164 (9n+2), or None."""
+    m = re.fullmatch(prefix + r"(\d+)", name)
+    if m and int(m.group(1)) > 2 and (int(m.group(1)) - 2) % step == 0:
+        return int(m.group(1))
+    return None
+
+
+def build_model(name, num_classes=10, **options):
+    """A model by name (see list_models()); options: shortcut='A'|'B' for the 6n+2 family."""
+    shortcut = options.pop("shortcut", None)
+    if options:
+        raise TypeError(f"unknown options {sorted(options)} for {name}; the only option is shortcut='A' or 'B'")
+    if shortcut not in (None, "A", "B"):
+        raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
+    if name == "resnet18":
+        return ResNet(BasicBlock, [2, 2, 2, 2], [64, 128, 256, 512], num_classes, shortcut=shortcut or "B")
+    if name == "resnet18_imagenet":
+        return ResNet(BasicBlock, [2, 2, 2, 2], [64, 128, 256, 512], num_classes, stem="imagenet", shortcut=shortcut or "B")
+    if name == "preact_resnet18":
+        return ResNet(PreActBlock, [2, 2, 2, 2], [64, 128, 256, 512], num_classes)
+    if depth := _cifar_depth(name, "preact_resnet", 9):
+        n = (depth - 2) // 9
+        return ResNet(PreActBottleneck, [n] * 3, [16, 32, 64], num_classes)
+    if depth := _cifar_depth(name, "resnet", 6):
+        n = (depth - 2) // 6
+        return ResNet(BasicBlock, [n] * 3, [16, 32, 64], num_classes, shortcut=shortcut or "A")
+    raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())} "
+                     "(any resnet<6n+2> or preact_resnet<9n+2> depth works too)")
+
+
+def list_models():
+    """The model names build_model knows by default."""
+    return ["resnet18", "resnet18_imagenet", "preact_resnet18", "resnet20", "resnet32",
+            "resnet44", "resnet56", "resnet110", "preact_resnet164"]
+
+
+def input_size(name):
+    """Input side length a model expects: 224 for resnet18_imagenet, else 32."""
+    return 224 if name == "resnet18_imagenet" else 32
+
+
+def count_parameters(model):
+    """Number of parameters of a model."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model, size=32):
+    """Multiply-accumulates of one forward pass on one size x size image (flop counter / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    model.train(was_training)
+    return counter.get_total_flops() // 2
+
+# --------------------------------------------------------------------------- training
+
+
+def get_device(device=None):
+    """The given device, else CUDA when available, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def cpu_has_native_bf16():
+    """True when this CPU computes bf16 natively (AMX or AVX512-BF16), where bf16 autocast pays off."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:  # older torch: read the flags
+        with contextlib.suppress(OSError):
+            flags = Path("/proc/cpuinfo").read_text()
+            return "amx_bf16" in flags or "avx512_bf16" in flags
+        return False
+
+
+def resolve_precision(device, precision="auto"):
+    """'fp32', 'bf16' or 'fp16' for 'auto' or a forced choice on this device."""
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be 'auto', 'fp32', 'bf16' or 'fp16', got {precision!r}")
+    if precision != "auto":
+        return precision
+    if torch.device(device).type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def autocast(device, precision):
+    """Autocast context for a resolved precision (no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def seed_everything(seed=0, deterministic=False):
+    """Seed Python, NumPy and torch; optionally ask for deterministic kernels."""
+    import random
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss."""
+
+
+def _progress_bar(total, desc, enabled):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, mininterval=1.0)
+
+
+def train_epoch(model, loader, optimizer, criterion, device, precision="fp32", scaler=None, desc="train", progress=True):
+    """One pass over `loader`; returns dict(loss, acc, seconds, images_per_s)."""
+    model.train()
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen, start = 0, time.perf_counter()
+    with _progress_bar(len(loader), desc, progress) as bar:
+        for step, (x, y) in enumerate(loader, 1):
+            with autocast(device, precision):
+                logits = model(x)
+                loss = criterion(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            total_loss += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+            if step % 20 == 0 or step == len(loader):  # sync rarely: each .item() stalls a GPU
+                mean_loss = total_loss.item() / seen
+                if not math.isfinite(mean_loss):
+                    raise NonFiniteLossError(f"loss became {mean_loss} at step {step} of {desc}; "
+                                             "lower the learning rate or use precision='fp32'")
+                bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{correct.item() / seen:.3f}",
+                                img_s=f"{seen / (time.perf_counter() - start):.0f}")
+            bar.update()
+    seconds = time.perf_counter() - start
+    return dict(loss=total_loss.item() / seen, acc=correct.item() / seen, seconds=seconds, images_per_s=seen / seconds)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, precision="fp32"):
+    """Mean cross-entropy loss and accuracy of `model` on `loader`."""
+    model.eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    for x, y in loader:
+        with autocast(device, precision):
+            logits = model(x)
+        total_loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+    return dict(loss=total_loss / seen, acc=correct / seen)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs besides the data; stored in every checkpoint."""
+
+    arch: str = "resnet20"
+    arch_options: dict = field(default_factory=dict)
+    stages: list = field(default_factory=lambda: [(0.1, 82), (0.01, 123), (0.001, 164)])  # (lr, end epoch)
+    batch_size: int = 128
+    optimizer: str = "sgd"  # or "adam" (seed 003)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # seed 000; the paper and seed 001 use 1e-4
+    nesterov: bool = False
+    schedule: str = "staged"  # or "cosine" (seed 001): cosine from stages[0] lr to 0 at the last end
+    label_smoothing: float = 0.0
+    precision: str = "auto"
+    seed: int = 0
+    val_size: int = 5000
+    std: str = "seed"  # "seed" (0.2023, ...) or "true" (0.2470, ...)
+    save_every: int = 5
+    keep_last: int = 3
+    patience: int | None = None  # stop a stage when val acc has not improved by min_delta in this many epochs
+    min_delta: float = 0.0
+    compile: bool = False
+
+    def __post_init__(self):
+        self.stages = [(float(lr), int(end)) for lr, end in self.stages]
+        ends = [end for _, end in self.stages]
+        if not self.stages or ends != sorted(set(ends)) or ends[0] < 1:
+            raise ValueError(f"stages must be (lr, end_epoch) pairs with increasing end epochs, got {self.stages}")
+        if self.optimizer not in ("sgd", "adam") or self.schedule not in ("staged", "cosine"):
+            raise ValueError("optimizer must be 'sgd' or 'adam' and schedule 'staged' or 'cosine'")
+        if self.std not in ("seed", "true"):
+            raise ValueError(f"std must be 'seed' or 'true', got {self.std!r}")
+
+    def preprocess(self):
+        """The Preprocess this run trains with."""
+        return Preprocess(std=SEED_STD if self.std == "seed" else TRUE_STD, size=input_size(self.arch))
+
+
+def parse_stages(specs):
+    """['0.1:82', '0.01:123'] -> [(0.1, 82), (0.01, 123)]."""
+    try:
+        return [(float(lr), int(end)) for lr, end in (s.split(":") for s in specs)]
+    except ValueError:
+        raise ValueError(f"stages are written LR:END_EPOCH, for example 0.1:82; got {specs}") from None
+
+
+def stage_lr(cfg, stage, epoch):
+    """Learning rate of an epoch: the stage's lr, or the cosine curve over all epochs."""
+    if cfg.schedule == "cosine":
+        return 0.5 * cfg.stages[0][0] * (1 + math.cos(math.pi * epoch / cfg.stages[-1][1]))
+    return cfg.stages[stage][0]
+
+
+def make_optimizer(model, cfg):
+    """SGD with momentum and weight decay, or Adam, as the config says."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.stages[0][0], weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.stages[0][0], momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(payload, path):
+    """torch.save to a temporary file, then os.replace: an interrupted save never destroys `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path):
+    """Load a checkpoint on the CPU without running pickled code (weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds pickled Python objects, not only tensors and plain data; it is refused "
+                         "because loading it could run arbitrary code. Re-save its state_dict with torch.save. "
+                         f"({str(e).splitlines()[0]})") from None
+
+
+def checkpoint_epochs(run_dir):
+    """Epochs of the ckpt_<epoch>.pth files in a run folder, ascending."""
+    return sorted(int(m.group(1)) for p in Path(run_dir).glob("ckpt_*.pth")
+                  if (m := re.fullmatch(r"ckpt_(\d+)\.pth", p.name)))
+
+
+def latest_checkpoint(run_dir):
+    """Path of the newest ckpt_<epoch>.pth in a run folder, or None."""
+    epochs = checkpoint_epochs(run_dir)
+    return Path(run_dir) / f"ckpt_{epochs[-1]}.pth" if epochs else None
+
+
+def strip_module_prefix(state_dict):
+    """Remove the DataParallel / DDP / torch.compile prefixes from state_dict keys."""
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state_dict.items()}
+
+
+def _versions():
+    import torchvision
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__}
+
+
+class Trainer:
+    """Staged training with checkpoints every few epochs, exact resume and best-on-validation selection."""
+
+    def __init__(self, cfg, data, run_dir=None, device=None, rank=0, world_size=1, progress=True, tensorboard_dir=None):
+        self.cfg, self.device, self.rank, self.world_size = cfg, get_device(device), rank, world_size
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.precision = resolve_precision(self.device, cfg.precision)
+        self.progress = progress and rank == 0
+        x_tr, y_tr, x_val, y_val = data
+        pre = cfg.preprocess()
+        self.train_loader = BatchLoader(x_tr, y_tr, cfg.batch_size, pre, augment=True, shuffle=True, drop_last=False,
+                                        seed=cfg.seed, device=self.device, rank=rank, world_size=world_size)
+        self.val_loader = BatchLoader(x_val, y_val, 500, pre, device=self.device)
+        torch.manual_seed(cfg.seed)  # the same initial weights for the same seed
+        self.net = build_model(cfg.arch, len(CLASSES), **cfg.arch_options).to(self.device, memory_format=torch.channels_last)
+        self.model = self._wrap(self.net)
+        self.optimizer = make_optimizer(self.net, cfg)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.epoch, self.stage, self.best_val_acc = 0, 0, -1.0
+        self.stage_best, self.stage_bad_epochs = -1.0, 0
+        self.history = {k: [] for k in ("epoch", "stage", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")}
+        self.history["stage_ends"] = []
+        self.writer = None
+        if tensorboard_dir and rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(tensorboard_dir)
+
+    def _wrap(self, net):
+        model = net
+        if self.cfg.compile:
+            model = torch.compile(model)
+        if self.world_size > 1:
+            model = nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return model
+
+    # -- state ------------------------------------------------------------
+    def state(self, with_optimizer=True):
+        """Everything needed to resume exactly and to predict, as plain data and CPU tensors."""
+        state = {
+            "arch": self.cfg.arch, "arch_options": dict(self.cfg.arch_options),
+            "preprocess": asdict(self.cfg.preprocess()), "input_size": input_size(self.cfg.arch),
+            "classes": list(CLASSES), "config": asdict(self.cfg),
+            "model": {k: v.detach().cpu() for k, v in strip_module_prefix(self.net.state_dict()).items()},
+            "epoch": self.epoch, "stage": self.stage, "best_val_acc": self.best_val_acc,
+            "stage_best": self.stage_best, "stage_bad_epochs": self.stage_bad_epochs,
+            "history": self.history, "precision": self.precision, "device": str(self.device), "versions": _versions(),
+        }
+        if with_optimizer:
+            state["optimizer"] = self.optimizer.state_dict()
+            state["scaler"] = self.scaler.state_dict() if self.scaler else None
+            state["rng"] = {"torch": torch.get_rng_state(),
+                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        return state
+
+    def load_state(self, path, stage=None):
+        """Resume from a checkpoint file; `stage` starts that stage (0-based) from the checkpoint's epoch."""
+        ckpt = load_checkpoint(path)
+        if ckpt.get("arch") != self.cfg.arch or dict(ckpt.get("arch_options", {})) != dict(self.cfg.arch_options):
+            raise ValueError(f"{path} holds {ckpt.get('arch')} {ckpt.get('arch_options')}, "
+                             f"but this run trains {self.cfg.arch} {self.cfg.arch_options}")
+        self.net.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        self.epoch, self.stage, self.best_val_acc = ckpt["epoch"], ckpt["stage"], ckpt["best_val_acc"]
+        self.stage_best, self.stage_bad_epochs = ckpt["stage_best"], ckpt["stage_bad_epochs"]
+        self.history = {k: list(v) for k, v in ckpt["history"].items()}
+        keep = [i for i, e in enumerate(self.history["epoch"]) if e < self.epoch]  # a rewind drops later epochs
+        self.history = {k: ([v[i] for i in keep] if k != "stage_ends" else [e for e in v if e <= self.epoch])
+                        for k, v in self.history.items()}
+        if stage is not None and stage != self.stage:
+            self.stage, self.stage_best, self.stage_bad_epochs = stage, -1.0, 0
+        return self
+
+    def resume(self, source=None, stage=None):
+        """Resume from a file, or from the newest checkpoint of the run folder when `source` is None or a folder."""
+        source = Path(source) if source else self.run_dir
+        path = latest_checkpoint(source) if source and source.is_dir() else source
+        if path is None:
+            raise FileNotFoundError(f"no ckpt_<epoch>.pth to resume from in {source}")
+        return self.load_state(path, stage)
+
+    # -- saving -----------------------------------------------------------
+    def _save(self, stage_end=False, best=False):
+        if self.rank != 0 or self.run_dir is None:
+            return
+        state = self.state()
+        if best:
+            save_checkpoint(state, self.run_dir / "best.pth")
+        if stage_end or self.epoch % self.cfg.save_every == 0:
+            save_checkpoint(state, self.run_dir / f"ckpt_{self.epoch}.pth")
+            self._prune()
+
+    def _prune(self):
+        """Keep the newest few checkpoints and every stage end; delete the rest."""
+        epochs = checkpoint_epochs(self.run_dir)
+        keep = set(epochs[-self.cfg.keep_last:]) | set(self.history["stage_ends"])
+        for e in epochs:
+            if e not in keep:
+                (self.run_dir / f"ckpt_{e}.pth").unlink(missing_ok=True)
+
+    # -- the loop ---------------------------------------------------------
+    def _log(self, row):
+        for k, v in row.items():
+            self.history[k].append(v)
+        if self.rank == 0:
+            print(f"epoch {row['epoch'] + 1:3d} stage {row['stage'] + 1} lr {row['lr']:.4g} | "
+                  f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
+                  f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} | {row['seconds']:.0f} s", flush=True)
+        if self.writer:
+            for k in ("lr", "train_loss", "train_acc", "val_loss", "val_acc"):
+                self.writer.add_scalar(k, row[k], row["epoch"] + 1)
+
+    def _plateaued(self, val_acc):
+        """Track the stage's best validation accuracy; True when patience has run out."""
+        if val_acc >= self.stage_best + self.cfg.min_delta:
+            self.stage_best, self.stage_bad_epochs = max(val_acc, self.stage_best), 0
+        else:
+            self.stage_bad_epochs += 1
+        return self.cfg.patience is not None and self.stage_bad_epochs >= self.cfg.patience
+
+    def run_epoch(self):
+        """Train one epoch at the current stage's lr, validate, log and checkpoint; True if the stage ended."""
+        lr = stage_lr(self.cfg, self.stage, self.epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.train_loader.set_epoch(self.epoch)
+        desc = f"epoch {self.epoch + 1}/{self.cfg.stages[-1][1]}"
+        tr = train_epoch(self.model, self.train_loader, self.optimizer, self.criterion, self.device,
+                         self.precision, self.scaler, desc, self.progress)
+        val = evaluate(self.net, self.val_loader, self.device, self.precision)
+        row = dict(epoch=self.epoch, stage=self.stage, lr=lr, train_loss=tr["loss"], train_acc=tr["acc"],
+                   val_loss=val["loss"], val_acc=val["acc"], seconds=tr["seconds"])
+        self.epoch += 1
+        self._log(row)
+        stage_end = self._plateaued(val["acc"]) or self.epoch >= self.cfg.stages[self.stage][1]
+        if stage_end:
+            self.history["stage_ends"].append(self.epoch)
+        best = val["acc"] > self.best_val_acc
+        self.best_val_acc = max(self.best_val_acc, val["acc"])
+        self._save(stage_end=stage_end, best=best)
+        return stage_end
+
+    def fit(self, until_stage=None):
+        """Train the remaining epochs of the current stage and the following ones (up to `until_stage`, inclusive)."""
+        last = len(self.cfg.stages) - 1 if until_stage is None else until_stage
+        while self.stage <= last:
+            if self.epoch < self.cfg.stages[self.stage][1] and not self.run_epoch():
+                continue
+            self.stage += 1
+            self.stage_best, self.stage_bad_epochs = -1.0, 0
+        self._save(stage_end=False)  # stage counter moved on: make the newest file say so
+        return self.history
+
+
+def export_release(checkpoint_path, out_path, half=False):
+    """Write a release file: weights, metadata and history, no optimizer or RNG state; fp16 weights if `half`."""
+    ckpt = load_checkpoint(checkpoint_path)
+    model = {k: (v.half() if half and v.is_floating_point() else v) for k, v in ckpt["model"].items()}
+    drop = {"optimizer", "scaler", "rng", "model"}
+    release = {k: v for k, v in ckpt.items() if k not in drop} | {"model": model, "source": Path(checkpoint_path).name}
+    return save_checkpoint(release, out_path)
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def find_state_dict(ckpt):
+    """The weights inside a checkpoint: under 'model', 'net', 'state_dict', or the dict itself."""
+    for key in ("model", "net", "state_dict", "model_state_dict"):
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+            return strip_module_prefix(ckpt[key])
+    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return strip_module_prefix(ckpt)
+    raise ValueError("checkpoint holds no state_dict: expected a dict of tensors, or one under "
+                     f"'model', 'net' or 'state_dict'; found keys {list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt)}")
+
+
+def _candidate_archs():
+    """(name, options) pairs to compare an unknown state_dict against."""
+    pairs = [(n, {}) for n in list_models()]
+    return pairs + [(n, {"shortcut": "B"}) for n in ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")]
+
+
+def guess_arch(state_dict):
+    """Names (with options) of the known models whose state_dict keys and shapes match exactly."""
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    matches = []
+    for name, opts in _candidate_archs():
+        ref = build_model(name, **opts).state_dict()
+        num_classes = state_dict.get("linear.weight", torch.zeros(10, 1)).shape[0]
+        if num_classes != 10:
+            ref = build_model(name, num_classes, **opts).state_dict()
+        if shapes == {k: tuple(v.shape) for k, v in ref.items()}:
+            matches.append((name, opts))
+    return matches
+
+
+def load_weights(model, state_dict, arch_label):
+    """load_state_dict with exact key matching and an error that names the difference and the likely model."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    wrong = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
+    if missing or unexpected or wrong:
+        guesses = guess_arch(state_dict)
+        hint = ("it looks like " + " or ".join(f"arch={n!r}" + "".join(f", {k}={v!r}" for k, v in o.items())
+                                           for n, o in guesses)) if guesses else "it matches no known model"
+        raise ValueError(f"checkpoint does not fit {arch_label}: {len(missing)} missing keys {missing[:5]}, "
+                         f"{len(unexpected)} unexpected keys {unexpected[:5]}, shape mismatches {wrong[:5]}; {hint}")
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()})
+    return model
+
+
+def _as_image_batch(x, size_ok=lambda s: s >= 8):
+    """Validate predict() input and return it as an N x 3 x H x W tensor (uint8 or float in [0, 1])."""
+    expected = "a uint8 array N x 32 x 32 x 3 (0..255), floats in [0, 1], or an N x 3 x H x W tensor"
+    if isinstance(x, np.ndarray):
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"expected {expected}; got an array of shape {x.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
+    elif isinstance(x, torch.Tensor):
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected {expected}; got a tensor of shape {tuple(x.shape)}")
+    else:
+        raise ValueError(f"expected {expected}; got {type(x).__name__}")
+    if len(x) == 0 or not size_ok(x.shape[-1]):
+        raise ValueError(f"expected {expected}; got shape {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        return x
+    if not x.is_floating_point():
+        raise ValueError(f"expected {expected}; got dtype {x.dtype}")
+    if not torch.isfinite(x).all():
+        raise ValueError("images contain NaN or infinite values")
+    if x.min() < 0 or x.max() > 1:
+        raise ValueError(f"float images must lie in [0, 1]; got values in [{x.min():.3g}, {x.max():.3g}]")
+    return x
+
+
+class Loaded_model:  # noqa: N801  (the seeds' name)
+    """A trained checkpoint ready to predict on the CPU: Loaded_model(path).predict(x_test)."""
+
+    def __init__(self, path, device="cpu", arch=None, mean=None, std=None, tta=False, precision="auto", **arch_options):
+        ckpt = load_checkpoint(path)
+        meta = ckpt if isinstance(ckpt, dict) and "arch" in ckpt else {}
+        self.arch = arch or meta.get("arch")
+        if self.arch is None:
+            guesses = guess_arch(find_state_dict(ckpt))
+            hint = f"; its weights fit {guesses}" if guesses else ""
+            raise ValueError(f"{path} carries no architecture name: pass arch=... (and shortcut=...){hint}")
+        self.arch_options = arch_options or dict(meta.get("arch_options", {}))
+        pre = dict(meta.get("preprocess", {})) or asdict(Preprocess(size=input_size(self.arch)))
+        pre.update({k: tuple(v) for k, v in (("mean", mean), ("std", std)) if v is not None})
+        self.preprocess = Preprocess(**pre)
+        self.classes = list(meta.get("classes", CLASSES))
+        self.device = get_device(device)
+        self.precision = resolve_precision(self.device, precision)
+        self.tta, self.meta = tta, {k: v for k, v in meta.items() if k not in ("model", "optimizer", "rng")}
+        net = build_model(self.arch, len(self.classes), **self.arch_options)
+        label = f"{self.arch} {self.arch_options or ''}".strip()
+        self.model = load_weights(net, find_state_dict(ckpt), label).to(self.device, memory_format=torch.channels_last).eval()
+
+    @torch.no_grad()
+    def predict_proba(self, x, batch_size=500, verbose=False, tta=None):
+        """N x classes probabilities; `tta` averages with the horizontally flipped view."""
+        x = _as_image_batch(x)
+        tta = self.tta if tta is None else tta
+        out, n, next_mark = [], len(x), 10
+        for i in range(0, n, batch_size):
+            xb = self.preprocess(x[i:i + batch_size].to(self.device)).contiguous(memory_format=torch.channels_last)
+            with autocast(self.device, self.precision):
+                p = self.model(xb).float().softmax(1)
+                if tta:
+                    p = (p + self.model(xb.flip(3)).float().softmax(1)) / 2
+            out.append(p.cpu())
+            done = min(i + batch_size, n) * 100 // n
+            while verbose and next_mark <= done:
+                print(f"predicting...{next_mark}%")
+                next_mark += 10
+        return torch.cat(out).numpy()
+
+    def predict(self, x, batch_size=500, verbose=True, tta=None):
+        """Class indices (int64, shape (N,)) for images; prints the seeds' predicting...10% lines."""
+        return self.predict_proba(x, batch_size, verbose, tta).argmax(1).astype(np.int64)
