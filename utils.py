@@ -600,9 +600,10 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        detail = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), str(e).splitlines()[0])
         raise ValueError(f"{path} holds pickled Python objects, not only tensors and plain data; it is refused "
                          "because loading it could run arbitrary code. Re-save its state_dict with torch.save. "
-                         f"({str(e).splitlines()[0]})") from None
+                         f"({detail})") from None
 
 
 def checkpoint_epochs(run_dir):
@@ -624,7 +625,7 @@ def strip_module_prefix(state_dict):
 
 def _versions():
     import torchvision
-    return {"torch": torch.__version__, "torchvision": torchvision.__version__}
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__)}  # plain str: weights_only
 
 
 class Trainer:
@@ -701,6 +702,7 @@ class Trainer:
                         for k, v in self.history.items()}
         if stage is not None and stage != self.stage:
             self.stage, self.stage_best, self.stage_bad_epochs = stage, -1.0, 0
+            self.history["stage_ends"] = [e for e in self.history["stage_ends"] if e < self.epoch] + [self.epoch]
         return self
 
     def resume(self, source=None, stage=None):
@@ -765,22 +767,25 @@ class Trainer:
         self.epoch += 1
         self._log(row)
         stage_end = self._plateaued(val["acc"]) or self.epoch >= self.cfg.stages[self.stage][1]
-        if stage_end:
+        if stage_end:  # the checkpoint then says which stage comes next
             self.history["stage_ends"].append(self.epoch)
+            self._next_stage()
         best = val["acc"] > self.best_val_acc
         self.best_val_acc = max(self.best_val_acc, val["acc"])
         self._save(stage_end=stage_end, best=best)
         return stage_end
 
+    def _next_stage(self):
+        self.stage, self.stage_best, self.stage_bad_epochs = self.stage + 1, -1.0, 0
+
     def fit(self, until_stage=None):
-        """Train the remaining epochs of the current stage and the following ones (up to `until_stage`, inclusive)."""
+        """Train the rest of the current stage and the following ones (up to `until_stage`, 0-based, inclusive)."""
         last = len(self.cfg.stages) - 1 if until_stage is None else until_stage
         while self.stage <= last:
-            if self.epoch < self.cfg.stages[self.stage][1] and not self.run_epoch():
-                continue
-            self.stage += 1
-            self.stage_best, self.stage_bad_epochs = -1.0, 0
-        self._save(stage_end=False)  # stage counter moved on: make the newest file say so
+            if self.epoch >= self.cfg.stages[self.stage][1]:  # resumed at or past this stage's end
+                self._next_stage()
+            else:
+                self.run_epoch()
         return self.history
 
 

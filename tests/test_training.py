@@ -1,0 +1,133 @@
+"""The staged training engine: exact resume, atomic saves, stages, early stop, NaN, DDP, train.py."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import utils
+from conftest import make_fake_arrays
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_data(n=192):
+    x, y, _, _ = make_fake_arrays(n_train=n + 64)
+    return x[:n], y[:n], x[n:], y[n:]
+
+
+def tiny_trainer(run_dir, stages=((0.1, 2),), **overrides):
+    settings = dict(arch="resnet8", stages=list(stages), batch_size=64, precision="fp32", save_every=1, keep_last=10)
+    cfg = utils.TrainConfig(**{**settings, **overrides})
+    return utils.Trainer(cfg, tiny_data(), run_dir, "cpu", progress=False)
+
+
+def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
+    straight = tiny_trainer(tmp_path / "a")
+    straight.fit()
+    first = tiny_trainer(tmp_path / "b")
+    first.run_epoch()
+    resumed = tiny_trainer(tmp_path / "b").resume()
+    assert resumed.epoch == 1
+    resumed.fit()
+    for k, v in straight.net.state_dict().items():
+        assert torch.equal(v, resumed.net.state_dict()[k]), k
+    assert resumed.history["train_loss"] == straight.history["train_loss"]
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt_5.pth"
+    utils.save_checkpoint({"epoch": 5, "w": torch.ones(3)}, path)
+    real_save = torch.save
+
+    def dies_half_way(obj, f, *a, **k):
+        f.write(b"partial bytes")
+        raise KeyboardInterrupt("disconnect")
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        utils.save_checkpoint({"epoch": 6, "w": torch.zeros(3)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert utils.load_checkpoint(path)["epoch"] == 5
+    assert list(tmp_path.iterdir()) == [path]  # no temp file left behind
+
+
+def test_each_stage_lr_applies_at_its_epochs(tmp_path):
+    trainer = tiny_trainer(tmp_path, stages=[(0.1, 2), (0.01, 3), (0.001, 4)])
+    history = trainer.fit()
+    assert history["lr"] == [0.1, 0.1, 0.01, 0.001]
+    assert history["stage"] == [0, 0, 1, 2] and history["stage_ends"] == [2, 3, 4]
+    assert utils.checkpoint_epochs(tmp_path) == [1, 2, 3, 4] and (tmp_path / "best.pth").is_file()
+
+
+def test_later_stage_from_earlier_checkpoint_in_one_call(tmp_path):
+    tiny_trainer(tmp_path, stages=[(0.1, 3), (0.01, 4)]).fit(until_stage=0)
+    second = tiny_trainer(tmp_path, stages=[(0.1, 3), (0.01, 4)]).resume(tmp_path / "ckpt_2.pth", stage=1)
+    history = second.fit()
+    assert history["epoch"] == [0, 1, 2, 3] and history["lr"] == [0.1, 0.1, 0.01, 0.01]
+
+
+def test_cosine_schedule_and_checkpoint_pruning(tmp_path):
+    cfg = utils.TrainConfig(stages=[(0.1, 10)], schedule="cosine")
+    assert [round(utils.stage_lr(cfg, 0, e), 4) for e in (0, 5)] == [0.1, 0.05]
+    trainer = tiny_trainer(tmp_path, stages=[(0.1, 2), (0.01, 6)], keep_last=2)
+    trainer.fit()
+    assert utils.checkpoint_epochs(tmp_path) == [2, 5, 6]  # the newest two and every stage end
+
+
+def test_early_stop_on_plateau(tmp_path, monkeypatch):
+    monkeypatch.setattr(utils, "evaluate", lambda *a, **k: {"loss": 1.0, "acc": 0.5})
+    trainer = tiny_trainer(tmp_path, stages=[(0.1, 10), (0.01, 12)], patience=2, min_delta=0.01)
+    history = trainer.fit()
+    # each stage: 1 improving epoch (from nothing) + 2 flat ones, then it stops long before its end
+    assert history["stage"] == [0, 0, 0, 1, 1, 1]
+    assert history["stage_ends"] == [3, 6]
+
+
+def test_nan_loss_raises_and_last_good_checkpoint_stays(tmp_path):
+    trainer = tiny_trainer(tmp_path, stages=[(0.1, 3)])
+    trainer.run_epoch()
+    trainer.criterion = lambda logits, y: logits.sum() * float("nan")
+    with pytest.raises(utils.NonFiniteLossError, match="nan"):
+        trainer.run_epoch()
+    assert utils.checkpoint_epochs(tmp_path) == [1]
+    assert utils.load_checkpoint(tmp_path / "ckpt_1.pth")["epoch"] == 1
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="increasing"):
+        utils.TrainConfig(stages=[(0.1, 5), (0.01, 3)])
+    with pytest.raises(ValueError, match="LR:END_EPOCH"):
+        utils.parse_stages(["0.1-82"])
+    with pytest.raises(ValueError, match="precision"):
+        utils.resolve_precision("cpu", "fp8")
+
+
+def _run(args, **env):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **env})
+
+
+def test_ddp_two_gloo_processes_write_one_checkpoint(tmp_path, real_cifar10):
+    out = tmp_path / "ddp"
+    r = _run(["-m", "torch.distributed.run", "--nproc_per_node=2", "train.py", "--arch", "resnet8",
+              "--stages", "0.1:1", "--limit-train", "512", "--limit-val", "256", "--precision", "fp32",
+              "--device", "cpu", "--out", str(out), "--no-progress"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 process(es)" in r.stdout and r.stdout.count("epoch   1 stage 1") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["best.pth", "ckpt_1.pth"]
+
+
+def test_train_cli_resumes_from_newest_remaining(tmp_path, real_cifar10):
+    out = tmp_path / "cli"
+    args = ["train.py", "--arch", "resnet20", "--stages", "0.1:2", "0.01:3", "0.001:4", "--limit-train", "2048",
+            "--limit-val", "500", "--save-every", "1", "--out", str(out), "--no-progress"]
+    r = _run(args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert utils.checkpoint_epochs(out) == [2, 3, 4]
+    (out / "ckpt_4.pth").unlink()
+    r = _run(args + ["--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "from epoch 3 stage 3" in r.stdout and "epoch   4 stage 3" in r.stdout
+    assert utils.load_checkpoint(out / "ckpt_4.pth")["history"]["epoch"] == [0, 1, 2, 3]
