@@ -778,10 +778,13 @@ class Trainer:
     def _next_stage(self):
         self.stage, self.stage_best, self.stage_bad_epochs = self.stage + 1, -1.0, 0
 
-    def fit(self, until_stage=None):
-        """Train the rest of the current stage and the following ones (up to `until_stage`, 0-based, inclusive)."""
+    def fit(self, until_stage=None, stop_epoch=None):
+        """Train the rest of the current stage and the following ones (up to `until_stage`, 0-based, inclusive).
+
+        `stop_epoch` pauses the run at that epoch (a Colab session's time limit); resume() continues it.
+        """
         last = len(self.cfg.stages) - 1 if until_stage is None else until_stage
-        while self.stage <= last:
+        while self.stage <= last and (stop_epoch is None or self.epoch < stop_epoch):
             if self.epoch >= self.cfg.stages[self.stage][1]:  # resumed at or past this stage's end
                 self._next_stage()
             else:
@@ -917,3 +920,64 @@ class Loaded_model:  # noqa: N801  (the seeds' name)
     def predict(self, x, batch_size=500, verbose=True, tta=None):
         """Class indices (int64, shape (N,)) for images; prints the seeds' predicting...10% lines."""
         return self.predict_proba(x, batch_size, verbose, tta).argmax(1).astype(np.int64)
+
+
+def per_class_accuracy(y_true, y_pred, classes=CLASSES):
+    """{class name: accuracy} over the images of each class."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    return {name: float((y_pred[y_true == i] == i).mean()) for i, name in enumerate(classes)}
+
+
+def most_confident_mistakes(proba, y_true, k=16):
+    """Indices of the k wrong predictions made with the highest probability."""
+    wrong = np.flatnonzero(proba.argmax(1) != np.asarray(y_true))
+    return wrong[np.argsort(-proba[wrong].max(1))][:k]
+
+# --------------------------------------------------------------------------- pictures
+
+
+def _as_hwc(img):
+    """A uint8 / float H x W x 3 array from an image array or a 3 x H x W tensor."""
+    if isinstance(img, torch.Tensor):
+        img = img.detach().cpu().permute(1, 2, 0).numpy()
+    return img
+
+
+def show_images(images, titles=None, ncols=10, size=1.2):
+    """A grid of images (H x W x 3 arrays or 3 x H x W tensors), each with an optional title; returns the figure."""
+    import matplotlib.pyplot as plt
+    n = len(images)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * size, nrows * size * 1.15), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(_as_hwc(images[i]), interpolation="nearest")
+            if titles is not None:
+                ax.set_title(titles[i], fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_history(history, title=None):
+    """Training and validation loss and accuracy against epochs, stage boundaries and lr marked."""
+    import matplotlib.pyplot as plt
+    epochs = np.asarray(history["epoch"]) + 1
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
+        ax.plot(epochs, history[f"train_{key}"], label=f"train {key}")
+        ax.plot(epochs, history[f"val_{key}"], label=f"validation {key}")
+        for end in history.get("stage_ends", [])[:-1]:
+            ax.axvline(end + 0.5, color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    starts = [0] + [i for i in range(1, len(epochs)) if history["lr"][i] != history["lr"][i - 1]]
+    for i in starts:  # the lr of each stage, written where it begins
+        ax_acc.annotate(f"lr {history['lr'][i]:g}", (epochs[i], 0.02), xycoords=("data", "axes fraction"), fontsize=8)
+    ax_loss.set_ylabel("cross-entropy")
+    ax_acc.set_ylabel("accuracy")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
