@@ -635,6 +635,8 @@ class Trainer:
         self.cfg, self.device, self.rank, self.world_size = cfg, get_device(device), rank, world_size
         self.run_dir = Path(run_dir) if run_dir else None
         self.precision = resolve_precision(self.device, cfg.precision)
+        if self.device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
         self.progress = progress and rank == 0
         x_tr, y_tr, x_val, y_val = data
         pre = cfg.preprocess()

@@ -1,0 +1,119 @@
+"""Training images/s: this engine against the seed-style baseline, measured in the same run.
+
+Baseline (seed 000): per-image PIL transforms (RandomCrop with padding, flip, ToTensor, Normalize) in a
+DataLoader with 2 workers, fp32, NCHW. Engine: utils.BatchLoader (batched augmentation on the device) and
+utils.train_epoch with bf16 autocast where the CPU has it natively (AMP on CUDA) and channels_last.
+Also: the fraction of the device's measured matmul peak that the engine's training step reaches.
+
+    python bench/train_throughput.py [--steps 30] [--archs resnet20 resnet18]
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torchvision.transforms as T
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import utils  # noqa: E402
+
+
+class SeedStyleDataset(torch.utils.data.Dataset):
+    """uint8 HWC images through the seeds' per-image PIL pipeline."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+        self.transform = T.Compose([T.ToPILImage(), T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(),
+                                    T.ToTensor(), T.Normalize(utils.CIFAR_MEAN, utils.SEED_STD)])
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.transform(self.x[i]), int(self.y[i])
+
+
+def timed_steps(model, batches, step, warmup):
+    """Images/s over the batches after `warmup` untimed ones."""
+    seen, start = 0, None
+    for i, (x, y) in enumerate(batches):
+        if i == warmup:
+            start = time.perf_counter()
+        step(model, x, y)
+        if start is not None:
+            seen += len(y)
+    return seen / (time.perf_counter() - start)
+
+
+def sgd_step(device, precision):
+    """One SGD step (forward, backward, update) under the given precision."""
+    criterion = nn.CrossEntropyLoss()
+
+    def step(model, x, y):
+        opt = model._opt
+        with utils.autocast(device, precision):
+            loss = criterion(model(x.to(device)), y.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def fresh_model(arch, device, channels_last):
+    model = utils.build_model(arch).to(device).train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model._opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    return model
+
+
+def matmul_peak(device, precision, n=2048, reps=10):
+    """Measured FLOP/s of a large matrix product in the given precision."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        c = a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    del c
+    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archs", nargs="+", default=["resnet20", "resnet18"])
+    p.add_argument("--steps", type=int, default=30, help="timed steps per measurement (resnet18 uses a third)")
+    p.add_argument("--data", help="CIFAR-10 folder (else CIFAR10_DIR, data/)")
+    args = p.parse_args()
+    device = utils.get_device()
+    precision = utils.resolve_precision(device)
+    x, y, _, _ = utils.load_cifar10(args.data)
+    peak = matmul_peak(device, precision)
+    print(f"device {device}, engine precision {precision}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; measured matmul peak {peak / 1e9:.0f} GFLOP/s ({precision})")
+    rows = []
+    for arch in args.archs:
+        steps = args.steps if arch != "resnet18" else max(4, args.steps // 3)
+        warmup, n = 3, 128 * (steps + 3)
+        torch.manual_seed(0)
+        loader = torch.utils.data.DataLoader(SeedStyleDataset(x[:n], y[:n]), batch_size=128, shuffle=True,
+                                             num_workers=2, persistent_workers=False)
+        base = timed_steps(fresh_model(arch, device, False), loader, sgd_step(device, "fp32"), warmup)
+        batches = utils.BatchLoader(x[:n], y[:n], 128, augment=True, shuffle=True, device=device)
+        fast = timed_steps(fresh_model(arch, device, True), batches, sgd_step(device, precision), warmup)
+        train_flops = 3 * 2 * utils.count_macs(utils.build_model(arch))  # forward + backward (2x forward)
+        rows.append((arch, base, fast, fast * train_flops / peak))
+    print(f"\n| model | baseline images/s (PIL workers, fp32, NCHW) | engine images/s ({precision}, channels_last, "
+          f"batched augmentation) | speed-up | engine's share of matmul peak |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for arch, base, fast, share in rows:
+        print(f"| {arch} | {base:.0f} | {fast:.0f} | {fast / base:.2f}x | {share:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
