@@ -898,20 +898,23 @@ class Loaded_model:  # noqa: N801  (the seeds' name)
         self.tta, self.meta = tta, {k: v for k, v in meta.items() if k not in ("model", "optimizer", "rng")}
         net = build_model(self.arch, len(self.classes), **self.arch_options)
         label = f"{self.arch} {self.arch_options or ''}".strip()
-        self.model = load_weights(net, find_state_dict(ckpt), label).to(self.device, memory_format=torch.channels_last).eval()
+        # weights stored in the compute dtype: faster than autocast, which re-casts them every batch
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+        self.model = load_weights(net, find_state_dict(ckpt), label).to(
+            self.device, self.dtype, memory_format=torch.channels_last).eval()
 
     @torch.no_grad()
-    def predict_proba(self, x, batch_size=500, verbose=False, tta=None):
+    def predict_proba(self, x, batch_size=128, verbose=False, tta=None):
         """N x classes probabilities; `tta` averages with the horizontally flipped view."""
         x = _as_image_batch(x)
         tta = self.tta if tta is None else tta
         out, n, next_mark = [], len(x), 10
-        for i in range(0, n, batch_size):
-            xb = self.preprocess(x[i:i + batch_size].to(self.device)).contiguous(memory_format=torch.channels_last)
-            with autocast(self.device, self.precision):
-                p = self.model(xb).float().softmax(1)
-                if tta:
-                    p = (p + self.model(xb.flip(3)).float().softmax(1)) / 2
+        for i in range(0, n, batch_size):  # batches of 128 stay in cache; 500 is slower for ResNet18 on a CPU
+            xb = self.preprocess(x[i:i + batch_size].to(self.device)).to(self.dtype)
+            xb = xb.contiguous(memory_format=torch.channels_last)
+            p = self.model(xb).float().softmax(1)
+            if tta:
+                p = (p + self.model(xb.flip(3)).float().softmax(1)) / 2
             out.append(p.cpu())
             done = min(i + batch_size, n) * 100 // n
             while verbose and next_mark <= done:
@@ -919,7 +922,7 @@ class Loaded_model:  # noqa: N801  (the seeds' name)
                 next_mark += 10
         return torch.cat(out).numpy()
 
-    def predict(self, x, batch_size=500, verbose=True, tta=None):
+    def predict(self, x, batch_size=128, verbose=True, tta=None):
         """Class indices (int64, shape (N,)) for images; prints the seeds' predicting...10% lines."""
         return self.predict_proba(x, batch_size, verbose, tta).argmax(1).astype(np.int64)
 
@@ -939,9 +942,10 @@ def most_confident_mistakes(proba, y_true, k=16):
 
 
 def _as_hwc(img):
-    """A uint8 / float H x W x 3 array from an image array or a 3 x H x W tensor."""
+    """An H x W x 3 (or H x W) array from an image array or a 3 x H x W (or H x W) tensor."""
     if isinstance(img, torch.Tensor):
-        img = img.detach().cpu().permute(1, 2, 0).numpy()
+        img = img.detach().float().cpu() if img.is_floating_point() else img.detach().cpu()
+        img = (img.permute(1, 2, 0) if img.ndim == 3 else img).numpy()
     return img
 
 
@@ -983,3 +987,70 @@ def plot_history(history, title=None):
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def plot_filters(weight, ncols=16, size=0.55):
+    """First-layer filters (out x 3 x k x k) as RGB tiles, each stretched to [0, 1]; returns the figure."""
+    w = weight.detach().float().cpu()
+    lo, hi = w.amin((1, 2, 3), keepdim=True), w.amax((1, 2, 3), keepdim=True)
+    return show_images((w - lo) / (hi - lo).clamp_min(1e-8), ncols=ncols, size=size)
+
+
+def get_layer(model, name):
+    """The submodule called `name`; a bad name raises an error that lists the valid ones."""
+    modules = dict(model.named_modules())
+    if not name or name not in modules:
+        raise ValueError(f"no layer {name!r}; valid layers: {', '.join(k for k in modules if k)}")
+    return modules[name]
+
+
+@torch.no_grad()
+def feature_maps(model, x, layers):
+    """{layer: activations N x C x H x W} for a preprocessed batch, via forward hooks removed afterwards."""
+    found, handles = {}, []
+    for name in layers:
+        hook = (lambda n: lambda module, inputs, output: found.__setitem__(n, output.detach().float().cpu()))(name)
+        handles.append(get_layer(model, name).register_forward_hook(hook))
+    try:
+        model.eval()(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+def grad_cam(model, x, layer, target=None):
+    """Grad-CAM maps (N x H x W at the input's size, non-negative, max 1) and the target classes (default: predicted)."""
+    store = {}
+    handle = get_layer(model, layer).register_forward_hook(lambda m, i, out: store.__setitem__("act", out))
+    try:
+        with torch.enable_grad():
+            logits = model.eval()(x.detach())
+            target = logits.argmax(1) if target is None else torch.as_tensor(target).expand(len(x))
+            act = store["act"]
+            grads, = torch.autograd.grad(logits.gather(1, target.view(-1, 1)).sum(), act)
+    finally:
+        handle.remove()
+    cam = F.relu((grads.mean((2, 3), keepdim=True) * act).sum(1, keepdim=True)).detach().float()
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return cam / cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1), target
+
+
+def overlay(image, cam, alpha=0.5):
+    """An H x W x 3 uint8 image blended with a heat map of `cam` (H x W in [0, 1])."""
+    import matplotlib
+    heat = matplotlib.colormaps["jet"](np.asarray(cam))[..., :3]
+    return (1 - alpha) * np.asarray(image) / 255 + alpha * heat
+
+
+@torch.no_grad()
+def embed_features(model, x, method="pca", seed=0, batch_size=500):
+    """(N x 2 embedding by PCA or t-SNE, N x D penultimate features) of a preprocessed batch."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+    if method not in ("pca", "tsne"):
+        raise ValueError(f"method must be 'pca' or 'tsne', got {method!r}")
+    model.eval()
+    feats = torch.cat([model.features(x[i:i + batch_size]).float().cpu() for i in range(0, len(x), batch_size)]).numpy()
+    reducer = PCA(2, random_state=seed) if method == "pca" else TSNE(2, init="pca", random_state=seed)
+    return reducer.fit_transform(feats), feats

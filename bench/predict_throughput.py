@@ -3,10 +3,14 @@
 Fast path: channels_last and bf16 autocast where the CPU computes bf16 natively, batch 500.
 Baseline: the model in fp32, NCHW, batch 100, as a seed-style loop would run it. Same weights, same run.
 
-    python bench/predict_throughput.py [checkpoints ...]
+    python bench/predict_throughput.py [--archs resnet20 resnet18]
+
+Each model is read from checkpoints/<arch>.pth; where that file is absent, freshly initialized weights are
+timed instead (the accuracy columns then say "untrained").
 """
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,25 +39,28 @@ def timed(fn):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoints", nargs="*", default=[str(ROOT / "checkpoints/resnet20.pth"), str(ROOT / "checkpoints/resnet18.pth")])
+    p.add_argument("--archs", nargs="+", default=["resnet20", "resnet18"])
     p.add_argument("--data", help="CIFAR-10 folder (else CIFAR10_DIR, data/)")
     args = p.parse_args()
     _, _, x_test, y_test = utils.load_cifar10(args.data)
     print(f"CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, fast path precision "
           f"{utils.resolve_precision('cpu')}")
-    print("\n| checkpoint | fp32 loop (s) | Loaded_model.predict (s) | speed-up | fp32 accuracy | fast accuracy |")
+    print("\n| weights | fp32 loop (s) | Loaded_model.predict (s) | speed-up | fp32 accuracy | fast accuracy |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for path in args.checkpoints:
-        if not Path(path).is_file():
-            print(f"| {Path(path).name} | not present | | | | |")
-            continue
+    for arch in args.archs:
+        path, trained = ROOT / "checkpoints" / f"{arch}.pth", True
+        if not path.is_file():
+            path, trained = Path(tempfile.mkdtemp()) / f"{arch}_untrained.pth", False
+            torch.manual_seed(0)
+            utils.save_checkpoint({"arch": arch, "model": utils.build_model(arch).state_dict()}, path)
         model = utils.Loaded_model(path)
         model.predict(x_test[:500], verbose=False)  # warm-up
         fast, t_fast = timed(lambda: model.predict(x_test, verbose=False))
         base, t_base = timed(lambda: plain_fp32_predict(utils.Loaded_model(path, precision="fp32").model,
                                                         model.preprocess, x_test))
-        print(f"| {Path(path).name} ({model.arch}) | {t_base:.1f} | {t_fast:.1f} | {t_base / t_fast:.1f}x | "
-              f"{np.mean(base == y_test):.4f} | {np.mean(fast == y_test):.4f} |")
+        acc = (lambda y: f"{np.mean(y == y_test):.4f}") if trained else (lambda y: "untrained")
+        print(f"| {path.name} ({model.arch}) | {t_base:.1f} | {t_fast:.1f} | {t_base / t_fast:.1f}x | "
+              f"{acc(base)} | {acc(fast)} |")
 
 
 if __name__ == "__main__":

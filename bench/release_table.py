@@ -1,0 +1,49 @@
+"""The README's results rows: each release file evaluated once on the real test set through Loaded_model.
+
+    python bench/release_table.py [checkpoints/resnet20.pth ...]
+
+Columns: release file, model, parameters, epochs, the validation accuracy it was selected on, test accuracy
+single view and with flip TTA (fast path: bf16 where the CPU has it), training time, hardware and precision.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import utils  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def row(path, x_test, y_test):
+    """One Markdown row of the results table for a release file."""
+    model = utils.Loaded_model(path)
+    meta = model.meta
+    single = np.mean(model.predict(x_test, verbose=False) == y_test) * 100
+    tta = np.mean(model.predict(x_test, verbose=False, tta=True) == y_test) * 100
+    hist = meta["history"]
+    hours = sum(hist["seconds"]) / 3600
+    label = meta["arch"] + "".join(f" ({v})" for v in meta.get("arch_options", {}).values())
+    stages = " / ".join(f"{lr:g}:{end}" for lr, end in meta["config"]["stages"])
+    return (f"| `{Path(path).relative_to(ROOT)}` | {label} | {utils.count_parameters(model.model):,} | "
+            f"{meta['epoch']} of {meta['config']['stages'][-1][1]} (stages {stages}) | {meta['best_val_acc'] * 100:.2f}% | "
+            f"{single:.2f}% | {tta:.2f}% | {hours:.1f} h training, {meta['device']}, {meta['precision']} |")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="*", default=sorted(str(p) for p in (ROOT / "checkpoints").glob("*.pth")))
+    p.add_argument("--data", help="CIFAR-10 folder (else CIFAR10_DIR, data/)")
+    args = p.parse_args()
+    _, _, x_test, y_test = utils.load_cifar10(args.data)
+    print("| release file | model | parameters | epochs | validation acc (selection) | test acc, single view "
+          "| test acc, flip TTA | training |")
+    print("| --- | --- | ---: | --- | ---: | ---: | ---: | --- |")
+    for path in args.paths:
+        print(row(Path(path).resolve(), x_test, y_test))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The release checkpoints named in README.md, on the real test set: the README's figures hold, the fast
+path agrees with fp32, and each file's history shows its stages and validation-based selection."""
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import utils
+
+ROOT = Path(__file__).resolve().parents[1]
+ROW = re.compile(r"^\| `(checkpoints/[\w.]+\.pth)` \|")
+
+
+def readme_results():
+    """{release path: row cells} from the results table of README.md."""
+    rows = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if m := ROW.match(line):
+            rows[m.group(1)] = [c.strip() for c in line.strip("|").split("|")]
+    return rows
+
+
+RESULTS = readme_results()
+TEST_ACC, TTA_ACC = 5, 6  # columns of the results table (0-based)
+
+
+def test_readme_lists_release_files():
+    assert RESULTS, "README.md has no results row"
+    for path in RESULTS:
+        assert (ROOT / path).is_file(), f"README lists {path}, which is not in the repository"
+
+
+@pytest.fixture(scope="module")
+def test_set(real_cifar10):
+    return real_cifar10[2], real_cifar10[3]
+
+
+@pytest.mark.parametrize("path", sorted(RESULTS))
+def test_readme_figures_and_fast_path_agree_with_measurement(path, test_set):
+    x_test, y_test = test_set
+    fast = utils.Loaded_model(ROOT / path)
+    acc = np.mean(fast.predict(x_test, verbose=False) == y_test) * 100
+    tta = np.mean(fast.predict(x_test, verbose=False, tta=True) == y_test) * 100
+    cells = RESULTS[path]
+    assert abs(acc - float(cells[TEST_ACC].rstrip("%"))) <= 0.05, f"{path}: measured {acc:.2f}%, README {cells[TEST_ACC]}"
+    assert abs(tta - float(cells[TTA_ACC].rstrip("%"))) <= 0.05, f"{path}: TTA {tta:.2f}%, README {cells[TTA_ACC]}"
+    exact = np.mean(utils.Loaded_model(ROOT / path, precision="fp32").predict(x_test, verbose=False) == y_test) * 100
+    assert abs(acc - exact) <= 0.1, f"fast path {acc:.2f}% vs fp32 {exact:.2f}%"
+
+
+@pytest.mark.parametrize("path", sorted(RESULTS))
+def test_release_history_shows_stages_and_validation_selection(path):
+    meta = utils.load_checkpoint(ROOT / path)
+    history = meta["history"]
+    assert "optimizer" not in meta and "rng" not in meta
+    lrs = history["lr"]
+    assert lrs[0] == meta["config"]["stages"][0][0] and lrs == sorted(lrs, reverse=True)
+    assert history["val_acc"][-1] == max(history["val_acc"]) == meta["best_val_acc"]  # the best epoch on validation
+    assert meta["epoch"] == len(history["epoch"])
