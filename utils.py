@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 PROJECT_DIR = Path(__file__).resolve().parent
 DATA_DIR = PROJECT_DIR / "data"
-QUICK = os.environ.get("CIFAR_QUICK", "") not in ("", "0")
 
 # --------------------------------------------------------------------------- data
 
@@ -252,7 +251,7 @@ class BasicBlock(nn.Module):
 
 
 class PreActBlock(nn.Module):
-    """Pre-activation basic block (He et al. 2016b): BN-ReLU-conv twice."""
+    """Pre-activation basic block (He et al. 2016b): BN-ReLU-conv twice; `shortcut` is accepted and ignored."""
 
     expansion = 1
 
@@ -825,12 +824,10 @@ def _candidate_archs():
 def guess_arch(state_dict):
     """Names (with options) of the known models whose state_dict keys and shapes match exactly."""
     shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    num_classes = shapes.get("linear.weight", (10,))[0]
     matches = []
     for name, opts in _candidate_archs():
-        ref = build_model(name, **opts).state_dict()
-        num_classes = state_dict.get("linear.weight", torch.zeros(10, 1)).shape[0]
-        if num_classes != 10:
-            ref = build_model(name, num_classes, **opts).state_dict()
+        ref = build_model(name, num_classes, **opts).state_dict()
         if shapes == {k: tuple(v.shape) for k, v in ref.items()}:
             matches.append((name, opts))
     return matches
@@ -852,7 +849,7 @@ def load_weights(model, state_dict, arch_label):
     return model
 
 
-def _as_image_batch(x, size_ok=lambda s: s >= 8):
+def _as_image_batch(x):
     """Validate predict() input and return it as an N x 3 x H x W tensor (uint8 or float in [0, 1])."""
     expected = "a uint8 array N x 32 x 32 x 3 (0..255), floats in [0, 1], or an N x 3 x H x W tensor"
     if isinstance(x, np.ndarray):
@@ -864,7 +861,7 @@ def _as_image_batch(x, size_ok=lambda s: s >= 8):
             raise ValueError(f"expected {expected}; got a tensor of shape {tuple(x.shape)}")
     else:
         raise ValueError(f"expected {expected}; got {type(x).__name__}")
-    if len(x) == 0 or not size_ok(x.shape[-1]):
+    if len(x) == 0 or min(x.shape[-2:]) < 8:
         raise ValueError(f"expected {expected}; got shape {tuple(x.shape)}")
     if x.dtype == torch.uint8:
         return x
