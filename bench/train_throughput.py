@@ -93,9 +93,10 @@ def main():
     device = utils.get_device()
     precision = utils.resolve_precision(device)
     x, y, _, _ = utils.load_cifar10(args.data)
-    peak = matmul_peak(device, precision)
+    peak, fp32_peak = matmul_peak(device, precision), matmul_peak(device, "fp32")
     print(f"device {device}, engine precision {precision}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; measured matmul peak {peak / 1e9:.0f} GFLOP/s ({precision})")
+          f"{torch.get_num_threads()} threads; measured matmul peak {peak / 1e9:.0f} GFLOP/s ({precision}), "
+          f"{fp32_peak / 1e9:.0f} GFLOP/s (fp32)")
     rows = []
     for arch in args.archs:
         steps = args.steps if arch != "resnet18" else max(4, args.steps // 3)
