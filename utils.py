@@ -184,7 +184,7 @@ class BatchLoader:
         return order
 
     def __len__(self):
-        n = len(self._order(torch.Generator().manual_seed(0)))
+        n = len(self.y) // self.world_size  # each rank's shard, as _order cuts it
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self):
@@ -469,7 +469,8 @@ def train_epoch(model, loader, optimizer, criterion, device, precision="fp32", s
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, start = 0, time.perf_counter()
-    with _progress_bar(len(loader), desc, progress) as bar:
+    steps = len(loader)
+    with _progress_bar(steps, desc, progress) as bar:
         for step, (x, y) in enumerate(loader, 1):
             with autocast(device, precision):
                 logits = model(x)
@@ -485,7 +486,7 @@ def train_epoch(model, loader, optimizer, criterion, device, precision="fp32", s
             total_loss += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
-            if step % 20 == 0 or step == len(loader):  # sync rarely: each .item() stalls a GPU
+            if step % 20 == 0 or step == steps:  # sync rarely: each .item() stalls a GPU
                 mean_loss = total_loss.item() / seen
                 if not math.isfinite(mean_loss):
                     raise NonFiniteLossError(f"loss became {mean_loss} at step {step} of {desc}; "
