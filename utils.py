@@ -698,10 +698,7 @@ class Trainer:
         torch.set_rng_state(ckpt["rng"]["torch"])
         self.epoch, self.stage, self.best_val_acc = ckpt["epoch"], ckpt["stage"], ckpt["best_val_acc"]
         self.stage_best, self.stage_bad_epochs = ckpt["stage_best"], ckpt["stage_bad_epochs"]
-        self.history = {k: list(v) for k, v in ckpt["history"].items()}
-        keep = [i for i, e in enumerate(self.history["epoch"]) if e < self.epoch]  # a rewind drops later epochs
-        self.history = {k: ([v[i] for i in keep] if k != "stage_ends" else [e for e in v if e <= self.epoch])
-                        for k, v in self.history.items()}
+        self.history = {k: list(v) for k, v in ckpt["history"].items()}  # saved at its epoch: nothing later
         if stage is not None and stage != self.stage:
             self.stage, self.stage_best, self.stage_bad_epochs = stage, -1.0, 0
             self.history["stage_ends"] = [e for e in self.history["stage_ends"] if e < self.epoch] + [self.epoch]
