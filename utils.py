@@ -791,13 +791,23 @@ class Trainer:
         return self.history
 
 
-def export_release(checkpoint_path, out_path, half=False):
-    """Write a release file: weights, metadata and history, no optimizer or RNG state; fp16 weights if `half`."""
+def export_release(checkpoint_path, out_path, half=False, run_checkpoint=None):
+    """Write a release file: weights, metadata and history, no optimizer or RNG state; fp16 weights if `half`.
+
+    `run_checkpoint`, the run's last checkpoint, supplies the whole run's history, so a file that holds the
+    best-on-validation epoch still shows every stage; `epoch` stays the selected one.
+    """
     ckpt = load_checkpoint(checkpoint_path)
     model = {k: (v.half() if half and v.is_floating_point() else v) for k, v in ckpt["model"].items()}
     drop = {"optimizer", "scaler", "rng", "model"}
     release = {k: v for k, v in ckpt.items() if k not in drop} | {"model": model, "source": Path(checkpoint_path).name}
+    if run_checkpoint is not None:
+        run = load_checkpoint(run_checkpoint)
+        if any(run["history"][k][:ckpt["epoch"]] != ckpt["history"][k] for k in ("train_loss", "val_loss")):
+            raise ValueError(f"{run_checkpoint} is not a later checkpoint of the run that wrote {checkpoint_path}")
+        release |= {"history": run["history"], "epochs_run": run["epoch"]}
     return save_checkpoint(release, out_path)
+
 
 # --------------------------------------------------------------------------- evaluation
 

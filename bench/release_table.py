@@ -2,8 +2,9 @@
 
     python bench/release_table.py [checkpoints/resnet20.pth ...]
 
-Columns: release file, model, parameters, epochs, the validation accuracy it was selected on, test accuracy
-single view and with flip TTA (fast path: bf16 where the CPU has it), training time, hardware and precision.
+Columns: release file, model, parameters, the selected epoch and the schedule, the validation accuracy it was
+selected on, test accuracy single view and with flip TTA (fast path: bf16 where the CPU has it), training time
+(the whole run's, and the median seconds an epoch), hardware and precision.
 """
 import argparse
 import sys
@@ -24,12 +25,13 @@ def row(path, x_test, y_test):
     single = np.mean(model.predict(x_test, verbose=False) == y_test) * 100
     tta = np.mean(model.predict(x_test, verbose=False, tta=True) == y_test) * 100
     hist = meta["history"]
-    hours = sum(hist["seconds"]) / 3600
+    hours, per_epoch = sum(hist["seconds"]) / 3600, float(np.median(hist["seconds"]))
     label = meta["arch"] + "".join(f" ({v})" for v in meta.get("arch_options", {}).values())
     stages = " / ".join(f"{lr:g}:{end}" for lr, end in meta["config"]["stages"])
     return (f"| `{Path(path).relative_to(ROOT)}` | {label} | {utils.count_parameters(model.model):,} | "
-            f"{meta['epoch']} of {meta['config']['stages'][-1][1]} (stages {stages}) | {meta['best_val_acc'] * 100:.2f}% | "
-            f"{single:.2f}% | {tta:.2f}% | {hours:.1f} h training, {meta['device']}, {meta['precision']} |")
+            f"epoch {meta['epoch']} of {meta['config']['stages'][-1][1]} (stages {stages}) | {meta['best_val_acc'] * 100:.2f}% | "
+            f"{single:.2f}% | {tta:.2f}% | {hours:.1f} h for {len(hist['seconds'])} epochs (median {per_epoch:.0f} s), "
+            f"{meta['device']}, {meta['precision']} |")
 
 
 def main():
@@ -38,7 +40,7 @@ def main():
     p.add_argument("--data", help="CIFAR-10 folder (else CIFAR10_DIR, data/)")
     args = p.parse_args()
     _, _, x_test, y_test = utils.load_cifar10(args.data)
-    print("| release file | model | parameters | epochs | validation acc (selection) | test acc, single view "
+    print("| release file | model | parameters | selected epoch | validation acc (selection) | test acc, single view "
           "| test acc, flip TTA | training |")
     print("| --- | --- | ---: | --- | ---: | ---: | ---: | --- |")
     for path in args.paths:

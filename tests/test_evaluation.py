@@ -118,3 +118,15 @@ def test_release_export_is_smaller_and_predicts_alike(trained, tmp_path, images)
     a = utils.Loaded_model(path, precision="fp32").predict_proba(images)
     b = utils.Loaded_model(out, precision="fp32").predict_proba(images)
     np.testing.assert_allclose(a, b, atol=2e-2)
+
+
+def test_release_keeps_selected_weights_with_the_whole_run_history(tmp_path, trained):
+    x, y, _, _ = make_fake_arrays(n_train=192)
+    cfg = utils.TrainConfig(arch="resnet8", stages=[(0.1, 1), (0.01, 2)], batch_size=64, precision="fp32", seed=1)
+    utils.Trainer(cfg, (x[:128], y[:128], x[128:], y[128:]), tmp_path, "cpu", progress=False).fit()
+    out = utils.export_release(tmp_path / "ckpt_1.pth", tmp_path / "release.pth", run_checkpoint=tmp_path / "ckpt_2.pth")
+    release, first = utils.load_checkpoint(out), utils.load_checkpoint(tmp_path / "ckpt_1.pth")
+    assert release["epoch"] == 1 and release["epochs_run"] == 2 and release["history"]["lr"] == [0.1, 0.01]
+    assert all(torch.equal(release["model"][k], v) for k, v in first["model"].items())
+    with pytest.raises(ValueError, match="not a later checkpoint"):
+        utils.export_release(tmp_path / "ckpt_1.pth", tmp_path / "bad.pth", run_checkpoint=trained[1])
