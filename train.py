@@ -34,6 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--patience", type=int, help="end a stage after this many epochs without val improvement")
     p.add_argument("--min-delta", type=float, default=0.0)
     p.add_argument("--save-every", type=int, default=5)
+    p.add_argument("--stop-epoch", type=int, help="pause after this epoch (a session's time limit); --resume continues")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", help="folder with CIFAR-10 (else CIFAR10_DIR, data/, or download)")
     p.add_argument("--limit-train", type=int, help="train on the first N images of the split (smoke runs)")
@@ -87,9 +88,9 @@ def main(argv=None):
         print(f"{cfg.arch} on {device} ({trainer.precision}), {world_size} process(es), "
               f"{len(trainer.train_loader.y)} train / {len(trainer.val_loader.y)} val images, "
               f"from epoch {trainer.epoch} stage {trainer.stage + 1}, stages {cfg.stages}", flush=True)
-    trainer.fit()
+    trainer.fit(stop_epoch=args.stop_epoch)
     if rank == 0:
-        print(f"done: epoch {trainer.epoch}, best val acc {trainer.best_val_acc:.4f}")
+        print(f"{'done' if trainer.stage >= len(cfg.stages) else 'paused'}: epoch {trainer.epoch}, best val acc {trainer.best_val_acc:.4f}")
     if world_size > 1:
         dist.destroy_process_group()
 

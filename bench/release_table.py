@@ -3,7 +3,7 @@
     python bench/release_table.py [checkpoints/resnet20.pth ...]
 
 Columns: release file, model, parameters, the selected epoch and the schedule, the validation accuracy it was
-selected on, test accuracy single view and with flip TTA (fast path: bf16 where the CPU has it), training time
+selected on, test accuracy single view and with flip TTA (fp32, so the figures are the same on every CPU), training time
 (the whole run's, and the median seconds an epoch), hardware and precision.
 """
 import argparse
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def row(path, x_test, y_test):
     """One Markdown row of the results table for a release file."""
-    model = utils.Loaded_model(path)
+    model = utils.Loaded_model(path, precision="fp32")
     meta = model.meta
     single = np.mean(model.predict(x_test, verbose=False) == y_test) * 100
     tta = np.mean(model.predict(x_test, verbose=False, tta=True) == y_test) * 100
