@@ -119,15 +119,14 @@ def test_ddp_two_gloo_processes_write_one_checkpoint(tmp_path, real_cifar10):
     assert sorted(p.name for p in out.iterdir()) == ["best.pth", "ckpt_1.pth"]
 
 
-def test_train_cli_resumes_from_newest_remaining(tmp_path, real_cifar10):
+def test_train_cli_pauses_at_stop_epoch_and_resumes(tmp_path, real_cifar10):
     out = tmp_path / "cli"
     args = ["train.py", "--arch", "resnet20", "--stages", "0.1:2", "0.01:3", "0.001:4", "--limit-train", "2048",
             "--limit-val", "500", "--save-every", "1", "--out", str(out), "--no-progress"]
-    r = _run(args)
+    r = _run(args + ["--stop-epoch", "3"])
     assert r.returncode == 0, r.stderr[-2000:]
-    assert utils.checkpoint_epochs(out) == [2, 3, 4]
-    (out / "ckpt_4.pth").unlink()
+    assert utils.checkpoint_epochs(out) == [1, 2, 3] and "paused: epoch 3" in r.stdout
     r = _run(args + ["--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "from epoch 3 stage 3" in r.stdout and "epoch   4 stage 3" in r.stdout
+    assert "from epoch 3 stage 3" in r.stdout and "epoch   4 stage 3" in r.stdout and "done: epoch 4" in r.stdout
     assert utils.load_checkpoint(out / "ckpt_4.pth")["history"]["epoch"] == [0, 1, 2, 3]
