@@ -931,6 +931,10 @@ class Loaded_model:  # noqa: N801  (the seeds' name)
         """Class indices (int64, shape (N,)) for images; prints the seeds' predicting...10% lines."""
         return self.predict_proba(x, batch_size, verbose, tta).argmax(1).astype(np.int64)
 
+    def score(self, x, y, tta=None):
+        """Accuracy (0 to 1) of the predictions for images x against labels y."""
+        return float(np.mean(self.predict(x, verbose=False, tta=tta) == np.asarray(y)))
+
 
 def per_class_accuracy(y_true, y_pred, classes=CLASSES):
     """{class name: accuracy} over the images of each class."""

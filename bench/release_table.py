@@ -22,8 +22,7 @@ def row(path, x_test, y_test):
     """One Markdown row of the results table for a release file."""
     model = utils.Loaded_model(path, precision="fp32")
     meta = model.meta
-    single = np.mean(model.predict(x_test, verbose=False) == y_test) * 100
-    tta = np.mean(model.predict(x_test, verbose=False, tta=True) == y_test) * 100
+    single, tta = model.score(x_test, y_test) * 100, model.score(x_test, y_test, tta=True) * 100
     hist = meta["history"]
     hours, per_epoch = sum(hist["seconds"]) / 3600, float(np.median(hist["seconds"]))
     label = meta["arch"] + "".join(f" ({v})" for v in meta.get("arch_options", {}).values())

@@ -3,7 +3,6 @@ path agrees with fp32, and each file's history shows its stages and validation-b
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import utils
@@ -36,22 +35,17 @@ def test_set(real_cifar10):
     return real_cifar10[2], real_cifar10[3]
 
 
-def accuracy(model, x, y, tta=False):
-    """Test accuracy in percent of a Loaded_model."""
-    return np.mean(model.predict(x, verbose=False, tta=tta) == y) * 100
-
-
 @pytest.mark.parametrize("path", sorted(RESULTS))
 def test_readme_figures_and_fast_path_agree_with_measurement(path, test_set):
     x_test, y_test = test_set
     exact = utils.Loaded_model(ROOT / path, precision="fp32")  # the README's figures: the same on every CPU
-    acc, tta = accuracy(exact, x_test, y_test), accuracy(exact, x_test, y_test, tta=True)
+    acc, tta = exact.score(x_test, y_test) * 100, exact.score(x_test, y_test, tta=True) * 100
     cells = RESULTS[path]
     assert abs(acc - float(cells[TEST_ACC].rstrip("%"))) <= 0.05, f"{path}: measured {acc:.2f}%, README {cells[TEST_ACC]}"
     assert abs(tta - float(cells[TTA_ACC].rstrip("%"))) <= 0.05, f"{path}: TTA {tta:.2f}%, README {cells[TTA_ACC]}"
     fast = utils.Loaded_model(ROOT / path)  # bf16 weights where the CPU computes bf16 natively
     if fast.precision != "fp32":
-        fast_acc = accuracy(fast, x_test, y_test)
+        fast_acc = fast.score(x_test, y_test) * 100
         assert abs(fast_acc - acc) <= 0.1, f"{fast.precision} path {fast_acc:.2f}% vs fp32 {acc:.2f}%"
 
 
