@@ -9,6 +9,7 @@ import io
 import math
 import os
 import pickle
+import platform
 import re
 import tarfile
 import time
@@ -434,6 +435,20 @@ def resolve_precision(device, precision="auto"):
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
+def hardware_label(device, precision):
+    """Where and how an epoch ran, for the history: 'AMD EPYC (AVX2), 2 threads, fp32' or 'Tesla T4, bf16'."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, {precision}"
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
+                platform.processor() or "cpu")
+    isa = next((label for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"),
+                                          ("avx2", "AVX2")) if f" {flag}" in info), None)
+    threads = torch.get_num_threads()
+    return f"{name}{f' ({isa})' if isa else ''}, {threads} thread{'s' * (threads != 1)}, {precision}"
+
+
 def autocast(device, precision):
     """Autocast context for a resolved precision (no-op for fp32)."""
     if precision == "fp32":
@@ -651,7 +666,9 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.epoch, self.stage, self.best_val_acc = 0, 0, -1.0
         self.stage_best, self.stage_bad_epochs = -1.0, 0
-        self.history = {k: [] for k in ("epoch", "stage", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")}
+        self.hardware = hardware_label(self.device, self.precision)
+        self.history = {k: [] for k in ("epoch", "stage", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds",
+                                        "hardware")}
         self.history["stage_ends"] = []
         self.writer = None
         if tensorboard_dir and rank == 0:
@@ -699,6 +716,8 @@ class Trainer:
         self.epoch, self.stage, self.best_val_acc = ckpt["epoch"], ckpt["stage"], ckpt["best_val_acc"]
         self.stage_best, self.stage_bad_epochs = ckpt["stage_best"], ckpt["stage_bad_epochs"]
         self.history = {k: list(v) for k, v in ckpt["history"].items()}  # saved at its epoch: nothing later
+        if "hardware" not in self.history:  # written before epochs recorded their hardware: the file's device
+            self.history["hardware"] = [f"{ckpt['device']}, {ckpt['precision']}"] * len(self.history["epoch"])
         if stage is not None and stage != self.stage:
             self.stage, self.stage_best, self.stage_bad_epochs = stage, -1.0, 0
             self.history["stage_ends"] = [e for e in self.history["stage_ends"] if e < self.epoch] + [self.epoch]
@@ -762,7 +781,7 @@ class Trainer:
                          self.precision, self.scaler, desc, self.progress)
         val = evaluate(self.net, self.val_loader, self.device, self.precision)
         row = dict(epoch=self.epoch, stage=self.stage, lr=lr, train_loss=tr["loss"], train_acc=tr["acc"],
-                   val_loss=val["loss"], val_acc=val["acc"], seconds=tr["seconds"])
+                   val_loss=val["loss"], val_acc=val["acc"], seconds=tr["seconds"], hardware=self.hardware)
         self.epoch += 1
         self._log(row)
         stage_end = self._plateaued(val["acc"]) or self.epoch >= self.cfg.stages[self.stage][1]

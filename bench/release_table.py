@@ -4,7 +4,7 @@
 
 Columns: release file, model, parameters, the selected epoch and the schedule, the validation accuracy it was
 selected on, test accuracy single view and with flip TTA (fp32, so the figures are the same on every CPU), training time
-(the whole run's, and the median seconds an epoch), hardware and precision.
+(the whole run's, and the median seconds an epoch), and the hardware and precision of each span of epochs.
 """
 import argparse
 import sys
@@ -16,6 +16,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def hardware_runs(meta):
+    """'epochs 1-120: A; 121-164: B' from the per-epoch hardware record (older files: the file's device, precision)."""
+    labels = meta["history"].get("hardware") or [f"{meta['device']}, {meta['precision']}"] * len(meta["history"]["epoch"])
+    starts = [i for i in range(len(labels)) if i == 0 or labels[i] != labels[i - 1]] + [len(labels)]
+    if len(starts) == 2:
+        return labels[0]
+    return "; ".join(f"epochs {a + 1}-{b}: {labels[a]}" for a, b in zip(starts, starts[1:]))
 
 
 def row(path, x_test, y_test):
@@ -30,7 +39,7 @@ def row(path, x_test, y_test):
     return (f"| `{Path(path).relative_to(ROOT)}` | {label} | {utils.count_parameters(model.model):,} | "
             f"epoch {meta['epoch']} of {meta['config']['stages'][-1][1]} (stages {stages}) | {meta['best_val_acc'] * 100:.2f}% | "
             f"{single:.2f}% | {tta:.2f}% | {hours:.1f} h for {len(hist['seconds'])} epochs (median {per_epoch:.0f} s), "
-            f"{meta['device']}, {meta['precision']} |")
+            f"{hardware_runs(meta)} |")
 
 
 def main():

@@ -57,4 +57,5 @@ def test_release_history_shows_stages_and_validation_selection(path):
     lrs, val = history["lr"], history["val_acc"]
     assert sorted(set(lrs), reverse=True) == [lr for lr, _ in meta["config"]["stages"]]  # every stage ran
     assert lrs == sorted(lrs, reverse=True) and len(lrs) == meta.get("epochs_run", meta["epoch"])
+    assert len(history["hardware"]) == len(lrs)  # where and in what precision each epoch ran
     assert val.index(max(val)) + 1 == meta["epoch"] and max(val) == meta["best_val_acc"]  # chosen on validation
