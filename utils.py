@@ -716,8 +716,8 @@ class Trainer:
         self.epoch, self.stage, self.best_val_acc = ckpt["epoch"], ckpt["stage"], ckpt["best_val_acc"]
         self.stage_best, self.stage_bad_epochs = ckpt["stage_best"], ckpt["stage_bad_epochs"]
         self.history = {k: list(v) for k, v in ckpt["history"].items()}  # saved at its epoch: nothing later
-        if "hardware" not in self.history:  # written before epochs recorded their hardware: the file's device
-            self.history["hardware"] = [f"{ckpt['device']}, {ckpt['precision']}"] * len(self.history["epoch"])
+        if "hardware" not in self.history:  # written before epochs recorded it; a run may have changed machines
+            self.history["hardware"] = ["not recorded"] * len(self.history["epoch"])
         if stage is not None and stage != self.stage:
             self.stage, self.stage_best, self.stage_bad_epochs = stage, -1.0, 0
             self.history["stage_ends"] = [e for e in self.history["stage_ends"] if e < self.epoch] + [self.epoch]

@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def hardware_runs(meta):
-    """'epochs 1-120: A; 121-164: B' from the per-epoch hardware record (older files: the file's device, precision)."""
-    labels = meta["history"].get("hardware") or [f"{meta['device']}, {meta['precision']}"] * len(meta["history"]["epoch"])
+    """'epochs 1-120: A; 121-164: B' from the per-epoch hardware record."""
+    labels = meta["history"].get("hardware") or ["not recorded"] * len(meta["history"]["epoch"])
     starts = [i for i in range(len(labels)) if i == 0 or labels[i] != labels[i - 1]] + [len(labels)]
     if len(starts) == 2:
         return labels[0]
