@@ -413,15 +413,20 @@ def get_device(device=None):
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def cpu_info():
+    """Text of /proc/cpuinfo, or '' where there is none (macOS, Windows)."""
+    with contextlib.suppress(OSError):
+        return Path("/proc/cpuinfo").read_text()
+    return ""
+
+
 def cpu_has_native_bf16():
     """True when this CPU computes bf16 natively (AMX or AVX512-BF16), where bf16 autocast pays off."""
     try:
         return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
     except AttributeError:  # older torch: read the flags
-        with contextlib.suppress(OSError):
-            flags = Path("/proc/cpuinfo").read_text()
-            return "amx_bf16" in flags or "avx512_bf16" in flags
-        return False
+        flags = cpu_info()
+        return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def resolve_precision(device, precision="auto"):
@@ -440,7 +445,7 @@ def hardware_label(device, precision):
     device = torch.device(device)
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, {precision}"
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    info = cpu_info()
     name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
                 platform.processor() or "cpu")
     isa = next((label for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"),
