@@ -5,6 +5,7 @@ The module reads top to bottom in the order the notebooks meet it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import math
 import os
@@ -421,12 +422,28 @@ def cpu_info():
 
 
 def cpu_has_native_bf16():
-    """True when this CPU computes bf16 natively (AMX or AVX512-BF16), where bf16 autocast pays off."""
+    """True when this CPU has bf16 instructions (AMX or AVX512-BF16)."""
     try:
         return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
     except AttributeError:  # older torch: read the flags
         flags = cpu_info()
         return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+BF16_MIN_SPEEDUP = 1.3  # 'auto' picks bf16 on a CPU only where its matmuls beat fp32 by this much
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_speedup(n=512, reps=8):
+    """bf16 over fp32 matmul throughput on this CPU, measured once per process (about 0.1 s)."""
+    def seconds(dtype):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # warm-up: oneDNN picks its kernel on first use
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        return time.perf_counter() - start
+    return seconds(torch.float32) / seconds(torch.bfloat16)
 
 
 def resolve_precision(device, precision="auto"):
@@ -437,7 +454,8 @@ def resolve_precision(device, precision="auto"):
         return precision
     if torch.device(device).type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
+    # bf16 instructions alone don't make it faster: on one AVX512-BF16 Xeon without AMX, bf16 ran slower than fp32.
+    return "bf16" if cpu_has_native_bf16() and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP else "fp32"
 
 
 def hardware_label(device, precision):

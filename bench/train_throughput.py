@@ -2,7 +2,8 @@
 
 Baseline (seed 000): per-image PIL transforms (RandomCrop with padding, flip, ToTensor, Normalize) in a
 DataLoader with 2 workers, fp32, NCHW. Engine: utils.BatchLoader (batched augmentation on the device) and
-utils.train_epoch with bf16 autocast where the CPU has it natively (AMP on CUDA) and channels_last.
+utils.train_epoch with channels_last and the precision utils.resolve_precision picks (bf16 where it measures
+faster, AMP on CUDA).
 Also: the fraction of the device's measured matmul peak that the engine's training step reaches.
 
     python bench/train_throughput.py [--steps 30] [--archs resnet20 resnet18]

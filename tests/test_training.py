@@ -1,4 +1,5 @@
 """The staged training engine: exact resume, atomic saves, stages, early stop, NaN, DDP, train.py."""
+import math
 import os
 import subprocess
 import sys
@@ -114,6 +115,25 @@ def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="precision"):
         utils.resolve_precision("cpu", "fp8")
 
+
+
+@pytest.mark.parametrize("has_bf16, speedup, expected", [
+    (True, 2.2, "bf16"),   # an AMD EPYC with AVX512-BF16 measured 2.25x
+    (True, 0.6, "fp32"),   # an Intel Xeon with AVX512-BF16 but no AMX measured bf16 slower
+    (False, 2.2, "fp32"),  # no bf16 instructions: emulated, never picked
+])
+def test_auto_precision_on_cpu_picks_bf16_only_where_it_is_faster(monkeypatch, has_bf16, speedup, expected):
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: has_bf16)
+    monkeypatch.setattr(utils, "cpu_bf16_speedup", lambda: speedup)
+    assert utils.resolve_precision("cpu") == expected
+    assert utils.resolve_precision("cpu", "bf16") == "bf16"  # a forced choice is kept
+
+
+def test_bf16_speedup_is_a_measured_ratio():
+    utils.cpu_bf16_speedup.cache_clear()
+    ratio = utils.cpu_bf16_speedup(n=64, reps=2)
+    assert math.isfinite(ratio) and ratio > 0
+    assert utils.cpu_bf16_speedup(n=64, reps=2) == ratio  # measured once, then cached
 
 def _run(args, **env):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
