@@ -758,11 +758,10 @@ class Trainer:
     def _save(self, stage_end=False, best=False):
         if self.rank != 0 or self.run_dir is None:
             return
-        state = self.state()
-        if best:
-            save_checkpoint(state, self.run_dir / "best.pth")
+        if best:  # a model to select, not to resume: no optimizer state, so it is small enough to keep with the run
+            save_checkpoint(self.state(with_optimizer=False), self.run_dir / "best.pth")
         if stage_end or self.epoch % self.cfg.save_every == 0:
-            save_checkpoint(state, self.run_dir / f"ckpt_{self.epoch}.pth")
+            save_checkpoint(self.state(), self.run_dir / f"ckpt_{self.epoch}.pth")
             self._prune()
 
     def _prune(self):

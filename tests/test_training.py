@@ -62,6 +62,14 @@ def test_each_stage_lr_applies_at_its_epochs(tmp_path):
     assert utils.checkpoint_epochs(tmp_path) == [1, 2, 3, 4] and (tmp_path / "best.pth").is_file()
 
 
+def test_best_file_holds_the_best_validation_epoch_without_optimizer_state(tmp_path):
+    history = tiny_trainer(tmp_path, stages=[(0.1, 2), (0.01, 4)]).fit()
+    best = utils.load_checkpoint(tmp_path / "best.pth")
+    assert best["epoch"] == history["val_acc"].index(max(history["val_acc"])) + 1
+    assert best["best_val_acc"] == max(history["val_acc"])
+    assert "optimizer" not in best and "rng" not in best and "optimizer" in utils.load_checkpoint(tmp_path / "ckpt_4.pth")
+
+
 def test_later_stage_from_earlier_checkpoint_in_one_call(tmp_path):
     tiny_trainer(tmp_path, stages=[(0.1, 3), (0.01, 4)]).fit(until_stage=0)
     second = tiny_trainer(tmp_path, stages=[(0.1, 3), (0.01, 4)]).resume(tmp_path / "ckpt_2.pth", stage=1)
