@@ -124,7 +124,6 @@ def test_bad_config_is_refused():
         utils.resolve_precision("cpu", "fp8")
 
 
-
 @pytest.mark.parametrize("has_bf16, speedup, expected", [
     (True, 2.2, "bf16"),   # an AMD EPYC with AVX512-BF16 measured 2.25x
     (True, 0.6, "fp32"),   # an Intel Xeon with AVX512-BF16 but no AMX measured bf16 slower
@@ -142,6 +141,7 @@ def test_bf16_speedup_is_a_measured_ratio():
     ratio = utils.cpu_bf16_speedup(n=64, reps=2)
     assert math.isfinite(ratio) and ratio > 0
     assert utils.cpu_bf16_speedup(n=64, reps=2) == ratio  # measured once, then cached
+
 
 def _run(args, **env):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
