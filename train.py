@@ -3,6 +3,7 @@
     python train.py --arch resnet20 --stages 0.1:82 0.01:123 0.001:164 --wd 1e-4 --out checkpoints/resnet20
     python train.py ... --resume                      # continue from the newest ckpt_<epoch>.pth in --out
     python train.py ... --resume OUT/ckpt_135.pth --stage 2   # start stage 2 from epoch 135, as seed 000 did
+    python train.py ... --stages 0.1:40 0.01:55 0.001:60 --resume OUT/ckpt_20.pth --stage 1   # a longer stage one
     torchrun --nproc_per_node=2 train.py ...          # data-parallel (NCCL on GPUs, gloo on CPUs)
 """
 import argparse
@@ -22,7 +23,7 @@ def parse_args(argv=None):
     p.add_argument("--stages", nargs="+", default=["0.1:82", "0.01:123", "0.001:164"], help="LR:END_EPOCH per stage")
     p.add_argument("--out", required=True, help="run folder for ckpt_<epoch>.pth and best.pth")
     p.add_argument("--resume", nargs="?", const="", default=None, help="newest checkpoint of --out, or this file")
-    p.add_argument("--stage", type=int, help="with --resume: start this stage (1-based) from the checkpoint's epoch")
+    p.add_argument("--stage", type=int, help="with --resume: start (or, if earlier, continue) this stage (1-based) from the checkpoint's epoch")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--wd", type=float, default=5e-4, help="weight decay (paper and seed 001: 1e-4)")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")

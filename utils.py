@@ -726,7 +726,11 @@ class Trainer:
         return state
 
     def load_state(self, path, stage=None):
-        """Resume from a checkpoint file; `stage` starts that stage (0-based) from the checkpoint's epoch."""
+        """Resume from a checkpoint file; `stage` starts that stage (0-based) from the checkpoint's epoch.
+
+        An earlier stage than the checkpoint's continues it: a stage-one checkpoint of a run whose stage one proved
+        too short goes on at lr 0.1 under longer stages, exactly as a run planned that way from the start.
+        """
         ckpt = load_checkpoint(path)
         if ckpt.get("arch") != self.cfg.arch or dict(ckpt.get("arch_options", {})) != dict(self.cfg.arch_options):
             raise ValueError(f"{path} holds {ckpt.get('arch')} {ckpt.get('arch_options')}, "
@@ -743,7 +747,8 @@ class Trainer:
             self.history["hardware"] = ["not recorded"] * len(self.history["epoch"])
         if stage is not None and stage != self.stage:
             self.stage, self.stage_best, self.stage_bad_epochs = stage, -1.0, 0
-            self.history["stage_ends"] = [e for e in self.history["stage_ends"] if e < self.epoch] + [self.epoch]
+            ended = [e for e in self.history["stage_ends"] if e < self.epoch][:max(stage - 1, 0)]
+            self.history["stage_ends"] = ended + [self.epoch] * (stage > 0)
         return self
 
     def resume(self, source=None, stage=None):

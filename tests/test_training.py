@@ -77,6 +77,18 @@ def test_later_stage_from_earlier_checkpoint_in_one_call(tmp_path):
     assert history["epoch"] == [0, 1, 2, 3] and history["lr"] == [0.1, 0.1, 0.01, 0.01]
 
 
+def test_extending_stage_one_from_its_last_checkpoint_matches_a_run_planned_longer(tmp_path):
+    straight = tiny_trainer(tmp_path / "a", stages=[(0.1, 3), (0.01, 4)])
+    straight.fit()
+    tiny_trainer(tmp_path / "b", stages=[(0.1, 2), (0.01, 3)]).fit(until_stage=0)
+    longer = tiny_trainer(tmp_path / "b", stages=[(0.1, 3), (0.01, 4)]).resume(tmp_path / "b" / "ckpt_2.pth", stage=0)
+    history = longer.fit()
+    assert history["lr"] == [0.1, 0.1, 0.1, 0.01] and history["stage_ends"] == [3, 4]
+    assert history["train_loss"] == straight.history["train_loss"]
+    for k, v in straight.net.state_dict().items():
+        assert torch.equal(v, longer.net.state_dict()[k]), k
+
+
 def test_history_records_each_epochs_hardware_and_marks_older_epochs_unrecorded(tmp_path):
     label = utils.hardware_label("cpu", "fp32")
     assert label.endswith(f"{torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}, fp32")
