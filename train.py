@@ -23,7 +23,8 @@ def parse_args(argv=None):
     p.add_argument("--stages", nargs="+", default=["0.1:82", "0.01:123", "0.001:164"], help="LR:END_EPOCH per stage")
     p.add_argument("--out", required=True, help="run folder for ckpt_<epoch>.pth and best.pth")
     p.add_argument("--resume", nargs="?", const="", default=None, help="newest checkpoint of --out, or this file")
-    p.add_argument("--stage", type=int, help="with --resume: start (or, if earlier, continue) this stage (1-based) from the checkpoint's epoch")
+    p.add_argument("--stage", type=int,
+                   help="with --resume: start this stage (1-based) at the checkpoint's epoch; an earlier one continues")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--wd", type=float, default=5e-4, help="weight decay (paper and seed 001: 1e-4)")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")

@@ -34,7 +34,8 @@ def main():
     p.add_argument("--data", help="CIFAR-10 folder (else CIFAR10_DIR, data/)")
     args = p.parse_args()
     _, _, x_test, y_test = utils.load_cifar10(args.data)
-    print("| checkpoint | fp32 file | fp16 file | single, fp32 | single, fp16 | change | TTA, fp32 | TTA, fp16 | change |")
+    print("| checkpoint | fp32 file | fp16 file | single, fp32 | single, fp16 | change "
+          "| TTA, fp32 | TTA, fp16 | change |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for path in args.paths:
         with tempfile.TemporaryDirectory() as folder:
