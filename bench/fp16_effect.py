@@ -1,6 +1,6 @@
 """What storing a checkpoint's weights in fp16 costs: test accuracy of the fp32 and the fp16 release of the same epoch.
 
-    python bench/fp16_effect.py checkpoints/resnet18_run/best.pth [more fp32 checkpoints ...]
+    python bench/fp16_effect.py checkpoints/resnet18_long_run/best.pth [more fp32 checkpoints ...]
 
 Each checkpoint is exported twice with utils.export_release (half=False, half=True) to a temporary folder; both are
 scored on the real test set in fp32 compute, single view and with flip TTA, so only the stored weights differ.
