@@ -459,13 +459,15 @@ def resolve_precision(device, precision="auto"):
 
 
 def hardware_label(device, precision):
-    """Where and how an epoch ran, for the history: 'AMD EPYC (AVX2), 2 threads, fp32' or 'Tesla T4, bf16'."""
+    """Where and how an epoch ran, for the history: 'AMD EPYC family 25 (AVX2), 2 threads, fp32' or 'Tesla T4, bf16'."""
     device = torch.device(device)
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, {precision}"
     info = cpu_info()
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
-                platform.processor() or "cpu")
+    field = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in info.splitlines()) if v}
+    name = field.get("model name", platform.processor() or "cpu")
+    if "cpu family" in field:  # cloud CPUs often share one model name ("AMD EPYC") across generations
+        name += f" family {field['cpu family']}"
     isa = next((label for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"),
                                           ("avx2", "AVX2")) if f" {flag}" in info), None)
     threads = torch.get_num_threads()

@@ -100,6 +100,15 @@ def test_history_records_each_epochs_hardware_and_marks_older_epochs_unrecorded(
     assert history["hardware"] == ["not recorded", "not recorded", label]
 
 
+def test_hardware_label_names_cpu_family_and_best_bf16_instructions(monkeypatch):
+    info = "processor\t: 0\ncpu family\t: 26\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+    monkeypatch.setattr(utils, "cpu_info", lambda: info * 2)
+    threads = torch.get_num_threads()
+    assert utils.hardware_label("cpu", "bf16") == f"AMD EPYC family 26 (AVX512-BF16), {threads} thread{'s' * (threads != 1)}, bf16"
+    monkeypatch.setattr(utils, "cpu_info", lambda: "")
+    assert "family" not in utils.hardware_label("cpu", "fp32")
+
+
 def test_cosine_schedule_and_checkpoint_pruning(tmp_path):
     cfg = utils.TrainConfig(stages=[(0.1, 10)], schedule="cosine")
     assert [round(utils.stage_lr(cfg, 0, e), 4) for e in (0, 5)] == [0.1, 0.05]
