@@ -1,6 +1,6 @@
 """Command line for long runs on the engine in utils.py.
 
-    python train.py --arch resnet20 --stages 0.1:82 0.01:123 0.001:164 --wd 1e-4 --out checkpoints/resnet20
+    python train.py --arch resnet20 --stages 0.1:82 0.01:123 0.001:164 --wd 5e-4 --out checkpoints/r20  # the release
     python train.py ... --resume                      # continue from the newest ckpt_<epoch>.pth in --out
     python train.py ... --resume OUT/ckpt_135.pth --stage 2   # start stage 2 from epoch 135, as seed 000 did
     python train.py ... --stages 0.1:40 0.01:55 0.001:60 --resume OUT/ckpt_20.pth --stage 1   # a longer stage one
@@ -26,7 +26,8 @@ def parse_args(argv=None):
     p.add_argument("--stage", type=int,
                    help="with --resume: start this stage (1-based) at the checkpoint's epoch; an earlier one continues")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--wd", type=float, default=5e-4, help="weight decay (paper and seed 001: 1e-4)")
+    p.add_argument("--wd", type=float, default=5e-4,
+                   help="weight decay (paper and seed 001: 1e-4; seed 000 and both releases: 5e-4)")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
     p.add_argument("--nesterov", action="store_true")
     p.add_argument("--schedule", choices=["staged", "cosine"], default="staged")

@@ -2,7 +2,7 @@
 
     python bench/release_table.py [checkpoints/resnet20.pth ...]
 
-Columns: release file, model, parameters, the selected epoch and the schedule, the validation accuracy it was
+Columns: release file, model, parameters, the selected epoch, the schedule and weight decay, the validation accuracy it was
 selected on, test accuracy single view and with flip TTA (fp32, so the figures are the same on every CPU), training time
 (the whole run's, and the median seconds an epoch), and the hardware and precision of each span of epochs.
 """
@@ -37,7 +37,7 @@ def row(path, x_test, y_test):
     label = meta["arch"] + "".join(f" ({v})" for v in meta.get("arch_options", {}).values())
     stages = " / ".join(f"{lr:g}:{end}" for lr, end in meta["config"]["stages"])
     return (f"| `{Path(path).relative_to(ROOT)}` | {label} | {utils.count_parameters(model.model):,} | "
-            f"epoch {meta['epoch']} of {meta['config']['stages'][-1][1]} (stages {stages}) | {meta['best_val_acc'] * 100:.2f}% | "
+            f"epoch {meta['epoch']} of {meta['config']['stages'][-1][1]} (stages {stages}, weight decay {meta['config']['weight_decay']:g}) | {meta['best_val_acc'] * 100:.2f}% | "
             f"{single:.2f}% | {tta:.2f}% | {hours:.1f} h for {len(hist['seconds'])} epochs (median {per_epoch:.0f} s), "
             f"{hardware_runs(meta)} |")
 
