@@ -2,9 +2,10 @@
 
     python bench/release_table.py [checkpoints/resnet20.pth ...]
 
-Columns: release file, model, parameters, the selected epoch, the schedule and weight decay, the validation accuracy it was
-selected on, test accuracy single view and with flip TTA (fp32, so the figures are the same on every CPU), training time
-(the whole run's, and the median seconds an epoch), and the hardware and precision of each span of epochs.
+Columns: release file, model, parameters, the selected epoch, the schedule and weight decay, the validation
+accuracy it was selected on, test accuracy single view and with flip TTA (fp32, so the figures are the same on every
+CPU), training time (the whole run's, and the median seconds an epoch), and the hardware and precision of each span
+of epochs.
 """
 import argparse
 import sys
@@ -35,9 +36,10 @@ def row(path, x_test, y_test):
     hist = meta["history"]
     hours, per_epoch = sum(hist["seconds"]) / 3600, float(np.median(hist["seconds"]))
     label = meta["arch"] + "".join(f" ({v})" for v in meta.get("arch_options", {}).values())
-    stages = " / ".join(f"{lr:g}:{end}" for lr, end in meta["config"]["stages"])
+    cfg = meta["config"]
+    recipe = " / ".join(f"{lr:g}:{end}" for lr, end in cfg["stages"]) + f", weight decay {cfg['weight_decay']:g}"
     return (f"| `{Path(path).relative_to(ROOT)}` | {label} | {utils.count_parameters(model.model):,} | "
-            f"epoch {meta['epoch']} of {meta['config']['stages'][-1][1]} (stages {stages}, weight decay {meta['config']['weight_decay']:g}) | {meta['best_val_acc'] * 100:.2f}% | "
+            f"epoch {meta['epoch']} of {cfg['stages'][-1][1]} (stages {recipe}) | {meta['best_val_acc'] * 100:.2f}% | "
             f"{single:.2f}% | {tta:.2f}% | {hours:.1f} h for {len(hist['seconds'])} epochs (median {per_epoch:.0f} s), "
             f"{hardware_runs(meta)} |")
 
