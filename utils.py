@@ -463,13 +463,12 @@ def hardware_label(device, precision):
     device = torch.device(device)
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, {precision}"
-    info = cpu_info()
-    field = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in info.splitlines()) if v}
+    field = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in cpu_info().splitlines()) if v}
     name = field.get("model name", platform.processor() or "cpu")
     if "cpu family" in field:  # cloud CPUs often share one model name ("AMD EPYC") across generations
         name += f" family {field['cpu family']}"
     isa = next((label for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"),
-                                          ("avx2", "AVX2")) if f" {flag}" in info), None)
+                                          ("avx2", "AVX2")) if flag in field.get("flags", "").split()), None)
     threads = torch.get_num_threads()
     return f"{name}{f' ({isa})' if isa else ''}, {threads} thread{'s' * (threads != 1)}, {precision}"
 
