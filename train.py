@@ -1,6 +1,6 @@
 """Command line for long runs on the engine in utils.py.
 
-    python train.py --arch resnet20 --stages 0.1:82 0.01:123 0.001:164 --wd 5e-4 --out checkpoints/r20  # the release
+    python train.py --arch resnet20 --stages 0.1:82 0.01:123 0.001:164 --wd 5e-4 --label-smoothing 0.1 --out checkpoints/r20
     python train.py ... --resume                      # continue from the newest ckpt_<epoch>.pth in --out
     python train.py ... --resume OUT/ckpt_135.pth --stage 2   # start stage 2 from epoch 135, as seed 000 did
     python train.py ... --stages 0.1:40 0.01:55 0.001:60 --resume OUT/ckpt_20.pth --stage 1   # a longer stage one
@@ -31,7 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
     p.add_argument("--nesterov", action="store_true")
     p.add_argument("--schedule", choices=["staged", "cosine"], default="staged")
-    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="cross-entropy label smoothing (the ResNet20 release: 0.1; ResNet18 release: 0)")
     p.add_argument("--std", choices=["seed", "true"], default="seed", help="normalization std")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     p.add_argument("--patience", type=int, help="end a stage after this many epochs without val improvement")

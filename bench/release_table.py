@@ -2,10 +2,10 @@
 
     python bench/release_table.py [checkpoints/resnet20.pth ...]
 
-Columns: release file, model, parameters, the selected epoch, the schedule and weight decay, the validation
-accuracy it was selected on, test accuracy single view and with flip TTA (fp32, so the figures are the same on every
-CPU), training time (the whole run's, and the median seconds an epoch), and the hardware and precision of each span
-of epochs.
+Columns: release file, model, parameters, the selected epoch, the schedule, weight decay and label smoothing (when
+used), the validation accuracy it was selected on, test accuracy single view and with flip TTA (fp32, so the figures
+are the same on every CPU), training time (the whole run's, and the median seconds an epoch), and the hardware and
+precision of each span of epochs.
 """
 import argparse
 import sys
@@ -38,6 +38,8 @@ def row(path, x_test, y_test):
     label = meta["arch"] + "".join(f" ({v})" for v in meta.get("arch_options", {}).values())
     cfg = meta["config"]
     recipe = " / ".join(f"{lr:g}:{end}" for lr, end in cfg["stages"]) + f", weight decay {cfg['weight_decay']:g}"
+    if cfg.get("label_smoothing"):
+        recipe += f", label smoothing {cfg['label_smoothing']:g}"
     return (f"| `{Path(path).relative_to(ROOT)}` | {label} | {utils.count_parameters(model.model):,} | "
             f"epoch {meta['epoch']} of {cfg['stages'][-1][1]} (stages {recipe}) | {meta['best_val_acc'] * 100:.2f}% | "
             f"{single:.2f}% | {tta:.2f}% | {hours:.1f} h for {len(hist['seconds'])} epochs (median {per_epoch:.0f} s), "
