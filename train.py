@@ -1,6 +1,7 @@
 """Command line for long runs on the engine in utils.py.
 
-    python train.py --arch resnet20 --stages 0.1:82 0.01:123 0.001:164 --wd 5e-4 --label-smoothing 0.1 --out checkpoints/r20
+    python train.py --arch resnet20 --stages 0.1:82 0.01:123 0.001:164 --wd 5e-4 --label-smoothing 0.1 \
+        --out checkpoints/r20                         # the ResNet20 release's recipe
     python train.py ... --resume                      # continue from the newest ckpt_<epoch>.pth in --out
     python train.py ... --resume OUT/ckpt_135.pth --stage 2   # start stage 2 from epoch 135, as seed 000 did
     python train.py ... --stages 0.1:40 0.01:55 0.001:60 --resume OUT/ckpt_20.pth --stage 1   # a longer stage one
