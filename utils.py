@@ -467,8 +467,9 @@ def hardware_label(device, precision):
     name = field.get("model name", platform.processor() or "cpu")
     if "cpu family" in field:  # cloud CPUs often share one model name ("AMD EPYC") across generations
         name += f" family {field['cpu family']}"
+    flags = set(field.get("flags", "").split())
     isa = next((label for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"),
-                                          ("avx2", "AVX2")) if flag in field.get("flags", "").split()), None)
+                                          ("avx2", "AVX2")) if flag in flags), None)
     threads = torch.get_num_threads()
     return f"{name}{f' ({isa})' if isa else ''}, {threads} thread{'s' * (threads != 1)}, {precision}"
 
