@@ -2,53 +2,147 @@
 
     python train.py --arch resnet20 --stages 0.1:82 0.01:123 0.001:164 --wd 5e-4 --label-smoothing 0.1 \
         --out checkpoints/r20                         # the ResNet20 release's recipe
-    python train.py ... --resume                      # continue from the newest ckpt_<epoch>.pth in --out
-    python train.py ... --resume OUT/ckpt_135.pth --stage 2   # start stage 2 from epoch 135, as seed 000 did
-    python train.py ... --stages 0.1:40 0.01:55 0.001:60 --resume OUT/ckpt_20.pth --stage 1   # a longer stage one
+    python train.py --arch resnet20 --epochs 30 --out checkpoints/r20_short   # the same three stages in 30 epochs
+    python train.py --out checkpoints/r20 --resume    # continue the newest checkpoint with its recorded recipe
+    python train.py --out OUT --resume OUT/ckpt_135.pth --stage 2   # start stage 2 from epoch 135
+    python train.py --out OUT --stages 0.1:40 0.01:55 0.001:60 --resume OUT/ckpt_20.pth --stage 1 --override
+                                                      # a longer stage one (the change is written into the history)
     torchrun --nproc_per_node=2 train.py ...          # data-parallel (NCCL on GPUs, gloo on CPUs)
 """
 import argparse
+import math
 import os
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 import utils
 
+# flag -> TrainConfig field, for the flags that make up a run's recipe; left out on --resume, they take the
+# values the checkpoint recorded
+RECIPE_FLAGS = {"stages": "stages", "batch_size": "batch_size", "wd": "weight_decay", "optimizer": "optimizer",
+                "nesterov": "nesterov", "schedule": "schedule", "label_smoothing": "label_smoothing", "std": "std",
+                "patience": "patience", "min_delta": "min_delta", "seed": "seed"}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def finite_float(text):
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
 
 def parse_args(argv=None):
-    """The command line; defaults follow seed 000 (batch 128, SGD momentum 0.9, wd 5e-4)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="resnet20", help=f"one of {', '.join(utils.list_models())}")
+    """The command line; recipe flags left out take TrainConfig's defaults, or on --resume the recorded values."""
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", help=f"one of {', '.join(utils.list_models())} (default resnet20)")
     p.add_argument("--shortcut", choices=["A", "B"], help="shortcut option of the resnet<6n+2> family")
-    p.add_argument("--stages", nargs="+", default=["0.1:82", "0.01:123", "0.001:164"], help="LR:END_EPOCH per stage")
-    p.add_argument("--out", required=True, help="run folder for ckpt_<epoch>.pth and best.pth")
+    p.add_argument("--stages", nargs="+", help="LR:END_EPOCH per stage (default 0.1:82 0.01:123 0.001:164)")
+    p.add_argument("--epochs", type=positive_int, help="scale the stage ends so that the last one is this epoch")
+    p.add_argument("--out", required=True, help="run folder for ckpt_<epoch>.pth and best.pth (one run per folder)")
     p.add_argument("--resume", nargs="?", const="", default=None, help="newest checkpoint of --out, or this file")
+    p.add_argument("--override", action="store_true",
+                   help="with --resume: accept recipe flags that differ from the recorded ones (noted in the history)")
     p.add_argument("--stage", type=int,
                    help="with --resume: start this stage (1-based) at the checkpoint's epoch; an earlier one continues")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--wd", type=float, default=5e-4,
-                   help="weight decay (paper and seed 001: 1e-4; seed 000 and both releases: 5e-4)")
-    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
-    p.add_argument("--nesterov", action="store_true")
-    p.add_argument("--schedule", choices=["staged", "cosine"], default="staged")
-    p.add_argument("--label-smoothing", type=float, default=0.0,
-                   help="cross-entropy label smoothing (the ResNet20 release: 0.1; ResNet18 release: 0)")
-    p.add_argument("--std", choices=["seed", "true"], default="seed", help="normalization std")
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--wd", type=finite_float, help="weight decay (default 5e-4; the paper: 1e-4)")
+    p.add_argument("--optimizer", choices=["sgd", "adam"])
+    p.add_argument("--nesterov", action="store_const", const=True)
+    p.add_argument("--schedule", choices=["staged", "cosine"])
+    p.add_argument("--label-smoothing", type=finite_float, help="cross-entropy label smoothing (the ResNet20 release: 0.1)")
+    p.add_argument("--std", choices=["seed", "true"], help="normalization std: the reference reports' or the measured")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
-    p.add_argument("--patience", type=int, help="end a stage after this many epochs without val improvement")
-    p.add_argument("--min-delta", type=float, default=0.0)
-    p.add_argument("--save-every", type=int, default=5)
-    p.add_argument("--stop-epoch", type=int, help="pause after this epoch (a session's time limit); --resume continues")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--patience", type=positive_int, help="end a stage after this many epochs without val improvement")
+    p.add_argument("--min-delta", type=finite_float)
+    p.add_argument("--save-every", type=positive_int, help="checkpoint every N epochs (default 5)")
+    p.add_argument("--stop-epoch", type=positive_int, help="pause after this epoch (a session's limit); --resume goes on")
+    p.add_argument("--seed", type=int)
     p.add_argument("--data", help="folder with CIFAR-10 (else CIFAR10_DIR, data/, or download)")
-    p.add_argument("--limit-train", type=int, help="train on the first N images of the split (smoke runs)")
-    p.add_argument("--limit-val", type=int, help="validate on the first N validation images")
+    p.add_argument("--limit-train", type=positive_int, help="train on the first N images of the split (smoke runs)")
+    p.add_argument("--limit-val", type=positive_int, help="validate on the first N validation images")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--tensorboard", help="folder for TensorBoard scalars")
     p.add_argument("--no-progress", action="store_true", help="no per-epoch progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return p, args
+
+
+def check_args(p, args):
+    """Every mistake that needs no data: found before anything is loaded or trained."""
+    if args.stages is not None:
+        try:
+            utils.parse_stages(args.stages)
+        except ValueError as e:
+            p.error(f"--stages: {e}")
+    if args.stage is not None and args.resume is None:
+        p.error("--stage needs --resume: a later stage starts from a checkpoint")
+    if args.override and args.resume is None:
+        p.error("--override only applies with --resume")
+    if args.data is not None and not Path(args.data).is_dir():
+        p.error(f"--data {args.data}: no such folder")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            p.error(f"--device {args.device}: expected cpu, cuda or cuda:N")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            p.error(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
+        if device.type not in ("cpu", "cuda"):
+            p.error(f"--device {args.device}: expected cpu, cuda or cuda:N")
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        p.error(f"--out {args.out}: cannot write there ({e.strerror or e})")
+
+
+def build_config(p, args, recorded=None):
+    """The run's TrainConfig: the flags given, else the recorded recipe (on --resume), else the defaults."""
+    base = dict(recorded or {})
+    base = {k: v for k, v in base.items() if k in utils.TrainConfig.__dataclass_fields__}
+    if args.arch is not None:
+        base["arch"] = args.arch
+    if args.shortcut is not None:
+        base["arch_options"] = {**base.get("arch_options", {}), "shortcut": args.shortcut}
+    for flag, name in RECIPE_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            base[name] = utils.parse_stages(value) if flag == "stages" else value
+    if args.epochs is not None:
+        base["stages"] = utils.scale_stages(base.get("stages", utils.TrainConfig().stages), args.epochs)
+    if args.save_every is not None:
+        base["save_every"] = args.save_every
+    base.update(precision=args.precision, compile=args.compile)
+    try:
+        cfg = utils.TrainConfig(**base)
+        utils.build_model(cfg.arch, **cfg.arch_options)
+    except (ValueError, TypeError) as e:
+        p.error(str(e))
+    if args.stage is not None and not 1 <= args.stage <= len(cfg.stages):
+        p.error(f"--stage {args.stage}: this schedule has stages 1 to {len(cfg.stages)}")
+    return cfg
 
 
 def setup_distributed(device):
@@ -74,21 +168,32 @@ def load_data(args, cfg):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    cfg = utils.TrainConfig(
-        arch=args.arch, arch_options={"shortcut": args.shortcut} if args.shortcut else {},
-        stages=utils.parse_stages(args.stages), batch_size=args.batch_size, optimizer=args.optimizer,
-        weight_decay=args.wd, nesterov=args.nesterov, schedule=args.schedule, label_smoothing=args.label_smoothing,
-        precision=args.precision, seed=args.seed, std=args.std, save_every=args.save_every,
-        patience=args.patience, min_delta=args.min_delta, compile=args.compile)
+    p, args = parse_args(argv)
     rank, world_size, device = setup_distributed(args.device)
-    utils.seed_everything(cfg.seed)
-    trainer = utils.Trainer(cfg, load_data(args, cfg), args.out, device, rank, world_size,
-                            progress=not args.no_progress, tensorboard_dir=args.tensorboard)
-    if args.resume is not None:
-        trainer.resume(args.resume or None, None if args.stage is None else args.stage - 1)
-    elif args.stage is not None:
-        raise SystemExit("--stage needs --resume: a later stage starts from a checkpoint")
+    source, ckpt = None, None
+    try:
+        if rank == 0:  # before any data is loaded: the folder must be free, and fresh unless resuming
+            utils.lock_run_dir(args.out)
+            if args.resume is None:
+                utils.check_fresh_run_dir(args.out)
+        if args.resume is not None:
+            source, ckpt = next(utils.readable_checkpoints(args.resume or args.out))
+        cfg = build_config(p, args, ckpt["config"] if ckpt else None)
+        if ckpt and not args.override and (diffs := utils.recipe_differences(ckpt["config"], cfg)):
+            p.error(f"{source} was trained with other settings: {'; '.join(diffs)}; "
+                    "leave those flags out, or add --override to change them on purpose")
+        utils.seed_everything(cfg.seed)
+        trainer = utils.Trainer(cfg, load_data(args, cfg), args.out, device, rank, world_size,
+                                progress=not args.no_progress, tensorboard_dir=args.tensorboard)
+        if ckpt:
+            trainer.load_state(source, None if args.stage is None else args.stage - 1, args.override, ckpt)
+    except (utils.RunFolderError, utils.DamagedCheckpointError, FileNotFoundError, ValueError) as e:
+        p.error(str(e).replace("\n", " "))
+    last = cfg.stages[-1][1]
+    if trainer.epoch >= last or trainer.stage >= len(cfg.stages):
+        print(f"nothing to train: {source} is at epoch {trainer.epoch}, the end of its schedule ({last} epochs). "
+              "To train longer, give longer --stages with --override.")
+        return
     if rank == 0:
         print(f"{cfg.arch} on {device} ({trainer.precision}), {world_size} process(es), "
               f"{len(trainer.train_loader.y)} train / {len(trainer.val_loader.y)} val images, "
@@ -101,4 +206,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

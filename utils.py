@@ -66,8 +66,7 @@ def _stack_batches(open_batch):
 def _load_from(place: Path):
     """The four arrays from one folder in any accepted form, or None if none is there."""
     if all((place / f).is_file() for f in NPY_FILES):
-        x_tr, y_tr, x_te, y_te = (np.load(place / f, allow_pickle=False) for f in NPY_FILES)
-        return x_tr.astype(np.uint8, copy=False), y_tr.astype(np.int64), x_te.astype(np.uint8, copy=False), y_te.astype(np.int64)
+        return tuple(np.load(place / f, allow_pickle=False) for f in NPY_FILES)
     if (place / BATCHES_DIR / "data_batch_1").is_file():
         return _stack_batches(lambda name: open(place / BATCHES_DIR / name, "rb"))
     if (place / TARBALL).is_file():
@@ -78,6 +77,9 @@ def _load_from(place: Path):
 
 def load_cifar10(root=None, download=True):
     """Return (x_train, y_train, x_test, y_test): uint8 N x 32 x 32 x 3 images and int64 labels, official order."""
+    if root is not None and not Path(root).is_dir():  # an explicit folder is never silently replaced by another
+        raise FileNotFoundError(f"CIFAR-10 folder {root} does not exist; pass an existing folder, or root=None "
+                                "to search $CIFAR10_DIR and data/")
     places = [Path(p) for p in (root, os.environ.get("CIFAR10_DIR"), DATA_DIR) if p]
     for place in places:
         arrays = _load_from(place)
@@ -100,12 +102,20 @@ def load_cifar10(root=None, download=True):
 
 
 def _check_arrays(arrays, place):
-    """Validate shapes and dtypes of loaded arrays; name the folder in the error."""
+    """Refuse arrays of the wrong dtype, shape, length or label range, naming the folder; labels become int64."""
     x_tr, y_tr, x_te, y_te = arrays
     for name, x, y in (("train", x_tr, y_tr), ("test", x_te, y_te)):
-        if x.ndim != 4 or x.shape[1:] != (32, 32, 3) or len(x) != len(y):
-            raise ValueError(f"{place}: x_{name} should be N x 32 x 32 x 3 with N labels, got {x.shape} and {y.shape}")
-    return x_tr, y_tr, x_te, y_te
+        where = f"{place}: x_{name}"
+        if x.dtype != np.uint8:  # a cast would turn floats in [0, 1] into zeros and wrap values above 255
+            raise ValueError(f"{where} should be uint8 pixels 0..255, got dtype {x.dtype}")
+        if x.ndim != 4 or x.shape[1:] != (32, 32, 3):
+            raise ValueError(f"{where} should be N x 32 x 32 x 3, got shape {x.shape}")
+        if y.ndim != 1 or len(x) != len(y):
+            raise ValueError(f"{where} has {len(x)} images but y_{name} has shape {y.shape}; expected one label each")
+        if not np.issubdtype(y.dtype, np.integer) or (len(y) and (y.min() < 0 or y.max() >= len(CLASSES))):
+            raise ValueError(f"{place}: y_{name} should hold integer labels 0..{len(CLASSES) - 1}, got dtype {y.dtype}"
+                             + (f", values {y.min()}..{y.max()}" if len(y) and np.issubdtype(y.dtype, np.number) else ""))
+    return x_tr, y_tr.astype(np.int64), x_te, y_te.astype(np.int64)
 
 
 def train_val_split(x, y, val_size=5000, seed=0):
@@ -252,6 +262,18 @@ class BasicBlock(nn.Module):
         return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
+class PlainBlock(BasicBlock):
+    """A BasicBlock without its residual connection: the "plain" baseline of He et al. (2016), Figure 6."""
+
+    def __init__(self, in_planes, planes, stride=1, shortcut="A"):
+        super().__init__(in_planes, planes, stride, shortcut="A")  # option A: no parameters, so none to drop
+        del self.shortcut
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)))  # no "+ shortcut(x)": the one line that makes a ResNet
+
+
 class PreActBlock(nn.Module):
     """Pre-activation basic block (He et al. 2016b): BN-ReLU-conv twice; `shortcut` is accepted and ignored."""
 
@@ -375,14 +397,18 @@ def build_model(name, num_classes=10, **options):
     if depth := _cifar_depth(name, "resnet", 6):
         n = (depth - 2) // 6
         return ResNet(BasicBlock, [n] * 3, [16, 32, 64], num_classes, shortcut=shortcut or "A")
+    if depth := _cifar_depth(name, "plain", 6):
+        if shortcut is not None:
+            raise ValueError(f"{name} has no shortcuts, so it takes no shortcut option")
+        return ResNet(PlainBlock, [(depth - 2) // 6] * 3, [16, 32, 64], num_classes)
     raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())} "
-                     "(any resnet<6n+2> or preact_resnet<9n+2> depth works too)")
+                     "(any resnet<6n+2>, plain<6n+2> or preact_resnet<9n+2> depth works too)")
 
 
 def list_models():
     """The model names build_model knows by default."""
     return ["resnet18", "resnet18_imagenet", "preact_resnet18", "resnet20", "resnet32",
-            "resnet44", "resnet56", "resnet110", "preact_resnet164"]
+            "resnet44", "resnet56", "resnet110", "preact_resnet164", "plain20", "plain56"]
 
 
 def input_size(name):
@@ -581,6 +607,14 @@ class TrainConfig:
         ends = [end for _, end in self.stages]
         if not self.stages or ends != sorted(set(ends)) or ends[0] < 1:
             raise ValueError(f"stages must be (lr, end_epoch) pairs with increasing end epochs, got {self.stages}")
+        if not all(math.isfinite(lr) and lr > 0 for lr, _ in self.stages):
+            raise ValueError(f"every stage's lr must be a positive number, got {[lr for lr, _ in self.stages]}")
+        for name in ("batch_size", "save_every", "keep_last", "val_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0 and 0 <= self.label_smoothing < 1):
+            raise ValueError("weight_decay must be >= 0 and label_smoothing in [0, 1), "
+                             f"got {self.weight_decay} and {self.label_smoothing}")
         if self.optimizer not in ("sgd", "adam") or self.schedule not in ("staged", "cosine"):
             raise ValueError("optimizer must be 'sgd' or 'adam' and schedule 'staged' or 'cosine'")
         if self.std not in ("seed", "true"):
@@ -597,6 +631,50 @@ def parse_stages(specs):
         return [(float(lr), int(end)) for lr, end in (s.split(":") for s in specs)]
     except ValueError:
         raise ValueError(f"stages are written LR:END_EPOCH, for example 0.1:82; got {specs}") from None
+
+
+def scale_stages(stages, epochs):
+    """The same stages with their end epochs scaled so that the last ends at `epochs` (rounded, kept increasing)."""
+    stages = [(float(lr), int(end)) for lr, end in stages]
+    if epochs < len(stages):
+        raise ValueError(f"{epochs} epochs cannot hold {len(stages)} stages; give at least {len(stages)}")
+    last, scaled, prev = stages[-1][1], [], 0
+    for i, (lr, end) in enumerate(stages):
+        room = epochs - (len(stages) - 1 - i)  # leave at least one epoch for every later stage
+        prev = min(max(prev + 1, math.floor(end * epochs / last + 0.5)), room)
+        scaled.append((lr, prev))
+    return scaled
+
+
+RECIPE_FIELDS = ("arch", "arch_options", "stages", "batch_size", "optimizer", "momentum", "weight_decay", "nesterov",
+                 "schedule", "label_smoothing", "seed", "val_size", "std", "patience", "min_delta")
+
+
+def canonical_arch_options(arch, options):
+    """Options with the default shortcut filled in, so that {} and {'shortcut': 'A'} name the same resnet20."""
+    options = dict(options or {})
+    if _cifar_depth(arch, "resnet", 6):
+        options.setdefault("shortcut", "A")
+    elif arch in ("resnet18", "resnet18_imagenet"):
+        options.setdefault("shortcut", "B")
+    return options
+
+
+def recipe_differences(recorded, cfg):
+    """['label_smoothing: recorded 0.1, given 0.0', ...]: where a config departs from a checkpoint's recorded one."""
+    ours = asdict(cfg)
+    diffs = []
+    for name in RECIPE_FIELDS:
+        if name not in recorded:
+            continue
+        a, b = recorded[name], ours[name]
+        if name == "stages":
+            a, b = [tuple(x) for x in a], [tuple(x) for x in b]
+        if name == "arch_options":
+            a, b = canonical_arch_options(ours["arch"], a), canonical_arch_options(ours["arch"], b)
+        if a != b:
+            diffs.append(f"{name}: recorded {a}, given {b}")
+    return diffs
 
 
 def stage_lr(cfg, stage, epoch):
@@ -616,14 +694,50 @@ def make_optimizer(model, cfg):
 # --------------------------------------------------------------------------- checkpoints
 
 
+DIGEST_KEY = "sha256"  # a checkpoint's digest of everything else in it, checked on every load
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint file that cannot be read, or whose contents no longer match its digest."""
+
+
+def _feed_digest(h, obj):
+    """Feed a payload of dicts, lists, tensors and plain values into a hash, in a fixed order."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(memoryview(t.view(-1).view(torch.uint8).numpy()) if t.numel() else b"")
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for k in sorted(obj, key=repr):
+            h.update(repr(k).encode())
+            _feed_digest(h, obj[k])
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for v in obj:
+            _feed_digest(h, v)
+        h.update(b"]")
+    else:
+        h.update(repr(obj).encode())
+
+
+def payload_digest(payload):
+    """SHA-256 (hex) of a checkpoint's tensors and values, its own digest entry left out."""
+    import hashlib
+    h = hashlib.sha256()
+    _feed_digest(h, {k: v for k, v in payload.items() if k != DIGEST_KEY})
+    return h.hexdigest()
+
+
 def save_checkpoint(payload, path):
-    """torch.save to a temporary file, then os.replace: an interrupted save never destroys `path`."""
+    """torch.save with a digest, to a temporary file, then os.replace: an interrupted save never destroys `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(payload, f)
+            torch.save({**payload, DIGEST_KEY: payload_digest(payload)}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -633,17 +747,34 @@ def save_checkpoint(payload, path):
 
 
 def load_checkpoint(path):
-    """Load a checkpoint on the CPU without running pickled code (weights_only=True)."""
+    """Load a checkpoint on the CPU without running pickled code (weights_only=True), its digest checked."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         detail = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), str(e).splitlines()[0])
         raise ValueError(f"{path} holds pickled Python objects, not only tensors and plain data; it is refused "
                          "because loading it could run arbitrary code. Re-save its state_dict with torch.save. "
                          f"({detail})") from None
+    except Exception as e:  # truncated, overwritten or not a torch file at all
+        raise DamagedCheckpointError(f"{path} is damaged or not a PyTorch checkpoint: it cannot be read "
+                                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if isinstance(ckpt, dict) and DIGEST_KEY in ckpt and ckpt[DIGEST_KEY] != payload_digest(ckpt):
+        raise DamagedCheckpointError(f"{path} is damaged: its contents no longer match the SHA-256 digest written "
+                                     "when it was saved. Use another copy (or the previous checkpoint of the run).")
+    return ckpt
+
+
+def check_weights(state_dict, source):
+    """Refuse weights that cannot be a trained network's: non-finite values, negative batch-norm variances."""
+    for k, v in state_dict.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise DamagedCheckpointError(f"{source}: {k} holds NaN or infinite values; these weights cannot predict")
+        if k.endswith("running_var") and (v < 0).any():
+            raise DamagedCheckpointError(f"{source}: {k} holds negative variances; the file is damaged")
+    return state_dict
 
 
 def checkpoint_epochs(run_dir):
@@ -666,6 +797,78 @@ def strip_module_prefix(state_dict):
 def _versions():
     import torchvision
     return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__)}  # plain str: weights_only
+
+
+class RunFolderError(RuntimeError):
+    """A run folder this process may not train in: in use by another process, or holding another run."""
+
+
+class RecipeMismatchError(ValueError):
+    """Resuming a run with settings that differ from the ones its checkpoint recorded."""
+
+
+_HELD_LOCKS = {}  # run folder -> file descriptor of its lock, held until this process ends
+
+
+def lock_run_dir(run_dir):
+    """Hold the run folder's OS file lock for the rest of this process; another process is refused at once.
+
+    The kernel releases the lock when the holder dies, so a killed run never leaves a stale lock behind.
+    """
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _HELD_LOCKS:
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        import fcntl
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # Windows has no flock: the folder is then unguarded
+        pass
+    except BlockingIOError:
+        os.close(fd)
+        holder = (run_dir / ".lock").read_text().strip() or "unknown"
+        raise RunFolderError(f"{run_dir} is in use by another training process (pid {holder}); "
+                             "wait for it to end, or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _HELD_LOCKS[run_dir] = fd
+    return run_dir
+
+
+def check_fresh_run_dir(run_dir):
+    """Refuse to start a new run in a folder that already holds another run's checkpoints."""
+    run_dir = Path(run_dir)
+    found = [p.name for p in sorted(run_dir.glob("ckpt_*.pth"))] + [p.name for p in run_dir.glob("best.pth")]
+    if found:
+        raise RunFolderError(f"{run_dir} already holds a run ({', '.join(found[-3:])}); continue it with --resume "
+                             "(resume() in Python), or choose a new --out folder for a new run")
+
+
+def readable_checkpoints(source):
+    """Yield (path, checkpoint) newest first from a run folder, or the one file; a damaged one is reported and skipped.
+
+    A file given by name is taken as is: a damaged one raises. In a folder, the newest readable checkpoint wins.
+    """
+    source = Path(source)
+    if not source.is_dir():
+        yield source, load_checkpoint(source)
+        return
+    skipped = []
+    for epoch in reversed(checkpoint_epochs(source)):
+        path = source / f"ckpt_{epoch}.pth"
+        try:
+            ckpt = load_checkpoint(path)
+        except DamagedCheckpointError as e:
+            print(f"warning: {e}", flush=True)
+            skipped.append(path.name)
+            continue
+        if skipped:
+            print(f"warning: resuming from {path.name} instead of the damaged {', '.join(skipped)}", flush=True)
+        yield path, ckpt
+        return
+    raise FileNotFoundError(f"no readable ckpt_<epoch>.pth to resume from in {source}"
+                            + (f" (damaged: {', '.join(skipped)})" if skipped else ""))
 
 
 class Trainer:
@@ -691,6 +894,12 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.epoch, self.stage, self.best_val_acc = 0, 0, -1.0
         self.stage_best, self.stage_bad_epochs = -1.0, 0
+        self.saved = []  # epochs of the ckpt files this run wrote: the only ones pruning may delete
+        self._run_dir_checked = False  # a new run's folder is checked before its first epoch
+        if self.run_dir is not None and rank == 0:
+            lock_run_dir(self.run_dir)
+            for tmp in self.run_dir.glob(".*.tmp"):  # left by killed saves; with the lock, no one else is writing
+                tmp.unlink(missing_ok=True)
         self.hardware = hardware_label(self.device, self.precision)
         self.history = {k: [] for k in ("epoch", "stage", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds",
                                         "hardware")}
@@ -719,6 +928,7 @@ class Trainer:
             "epoch": self.epoch, "stage": self.stage, "best_val_acc": self.best_val_acc,
             "stage_best": self.stage_best, "stage_bad_epochs": self.stage_bad_epochs,
             "history": self.history, "precision": self.precision, "device": str(self.device), "versions": _versions(),
+            "saved": list(self.saved),
         }
         if with_optimizer:
             state["optimizer"] = self.optimizer.state_dict()
@@ -727,57 +937,83 @@ class Trainer:
                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
         return state
 
-    def load_state(self, path, stage=None):
+    def load_state(self, path, stage=None, override=False, ckpt=None):
         """Resume from a checkpoint file; `stage` starts that stage (0-based) from the checkpoint's epoch.
 
-        An earlier stage than the checkpoint's continues it: a stage-one checkpoint of a run whose stage one proved
-        too short goes on at lr 0.1 under longer stages, exactly as a run planned that way from the start.
+        The checkpoint's recorded recipe must match this config; `override=True` accepts the differences and
+        writes them into the history. An earlier stage than the checkpoint's continues it: a stage-one checkpoint
+        of a run whose stage one proved too short goes on at lr 0.1 under longer stages (with `override`), exactly
+        as a run planned that way from the start.
         """
-        ckpt = load_checkpoint(path)
-        if ckpt.get("arch") != self.cfg.arch or dict(ckpt.get("arch_options", {})) != dict(self.cfg.arch_options):
-            raise ValueError(f"{path} holds {ckpt.get('arch')} {ckpt.get('arch_options')}, "
-                             f"but this run trains {self.cfg.arch} {self.cfg.arch_options}")
-        self.net.load_state_dict(ckpt["model"])
+        ckpt = load_checkpoint(path) if ckpt is None else ckpt
+        if ckpt.get("arch") != self.cfg.arch or (canonical_arch_options(self.cfg.arch, ckpt.get("arch_options"))
+                                                 != canonical_arch_options(self.cfg.arch, self.cfg.arch_options)):
+            raise RecipeMismatchError(f"{path} holds {ckpt.get('arch')} {ckpt.get('arch_options')}, "
+                                      f"but this run trains {self.cfg.arch} {self.cfg.arch_options}")
+        diffs = recipe_differences(ckpt.get("config", {}), self.cfg)
+        if diffs and not override:
+            raise RecipeMismatchError(f"{path} was trained with other settings: {'; '.join(diffs)}. Leave those "
+                                      "settings out to continue the recorded recipe, or override them on purpose "
+                                      "(--override, or override=True)")
+        self.net.load_state_dict(check_weights(ckpt["model"], path))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         self.epoch, self.stage, self.best_val_acc = ckpt["epoch"], ckpt["stage"], ckpt["best_val_acc"]
         self.stage_best, self.stage_bad_epochs = ckpt["stage_best"], ckpt["stage_bad_epochs"]
+        self.saved = list(ckpt.get("saved", []))
         self.history = {k: list(v) for k, v in ckpt["history"].items()}  # saved at its epoch: nothing later
         if "hardware" not in self.history:  # written before epochs recorded it; a run may have changed machines
             self.history["hardware"] = ["not recorded"] * len(self.history["epoch"])
+        if diffs:
+            self.history.setdefault("overrides", []).append(f"from epoch {self.epoch}: {'; '.join(diffs)}")
         if stage is not None and stage != self.stage:
             self.stage, self.stage_best, self.stage_bad_epochs = stage, -1.0, 0
             ended = [e for e in self.history["stage_ends"] if e < self.epoch][:max(stage - 1, 0)]
             self.history["stage_ends"] = ended + [self.epoch] * (stage > 0)
+        self._run_dir_checked = True
+        self._restore_best()
         return self
 
-    def resume(self, source=None, stage=None):
-        """Resume from a file, or from the newest checkpoint of the run folder when `source` is None or a folder."""
+    def _restore_best(self):
+        """Rewrite best.pth when a save was killed between the checkpoint and best.pth of the best epoch."""
+        val = self.history["val_acc"]
+        if self.run_dir is None or self.rank != 0 or not val or val.index(max(val)) + 1 != self.epoch:
+            return
+        best = self.run_dir / "best.pth"
+        with contextlib.suppress(FileNotFoundError, DamagedCheckpointError):
+            if load_checkpoint(best)["epoch"] == self.epoch:
+                return
+        save_checkpoint(self.state(with_optimizer=False), best)
+
+    def resume(self, source=None, stage=None, override=False):
+        """Resume from a file, or from the newest readable checkpoint of a folder (default: the run folder)."""
         source = Path(source) if source else self.run_dir
-        path = latest_checkpoint(source) if source and source.is_dir() else source
-        if path is None:
-            raise FileNotFoundError(f"no ckpt_<epoch>.pth to resume from in {source}")
-        return self.load_state(path, stage)
+        if source is None:
+            raise FileNotFoundError("nothing to resume from: give a checkpoint file or a run folder")
+        for path, ckpt in readable_checkpoints(source):
+            return self.load_state(path, stage, override, ckpt)
 
     # -- saving -----------------------------------------------------------
     def _save(self, stage_end=False, best=False):
         if self.rank != 0 or self.run_dir is None:
             return
+        if stage_end or self.epoch % self.cfg.save_every == 0:  # first: a kill before best.pth is healed on resume
+            saved = [e for e in self.saved if e != self.epoch] + [self.epoch]
+            keep = set(saved[-self.cfg.keep_last:]) | set(self.history["stage_ends"])
+            self.saved = [e for e in saved if e in keep]  # the checkpoint records only the files that stay
+            save_checkpoint(self.state(), self.run_dir / f"ckpt_{self.epoch}.pth")
+            for e in sorted(set(saved) - keep):  # only files this run wrote: never another run's
+                (self.run_dir / f"ckpt_{e}.pth").unlink(missing_ok=True)
         if best:  # a model to select, not to resume: no optimizer state, so it is small enough to keep with the run
             save_checkpoint(self.state(with_optimizer=False), self.run_dir / "best.pth")
-        if stage_end or self.epoch % self.cfg.save_every == 0:
-            save_checkpoint(self.state(), self.run_dir / f"ckpt_{self.epoch}.pth")
-            self._prune()
 
-    def _prune(self):
-        """Keep the newest few checkpoints and every stage end; delete the rest."""
-        epochs = checkpoint_epochs(self.run_dir)
-        keep = set(epochs[-self.cfg.keep_last:]) | set(self.history["stage_ends"])
-        for e in epochs:
-            if e not in keep:
-                (self.run_dir / f"ckpt_{e}.pth").unlink(missing_ok=True)
+    def _claim_run_dir(self):
+        """Before the first epoch of a new run: its folder must not hold another run."""
+        if self.run_dir is not None and self.rank == 0 and not self._run_dir_checked and self.epoch == 0:
+            check_fresh_run_dir(self.run_dir)
+        self._run_dir_checked = True
 
     # -- the loop ---------------------------------------------------------
     def _log(self, row):
@@ -801,6 +1037,7 @@ class Trainer:
 
     def run_epoch(self):
         """Train one epoch at the current stage's lr, validate, log and checkpoint; True if the stage ended."""
+        self._claim_run_dir()
         lr = stage_lr(self.cfg, self.stage, self.epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -892,7 +1129,9 @@ def guess_arch(state_dict):
 def load_weights(model, state_dict, arch_label):
     """load_state_dict with exact key matching and an error that names the difference and the likely model."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
+    # files from PyTorch before 0.4.1 have no num_batches_tracked: batch-norm step counters, not weights
+    counters = {k: v for k, v in own.items() if k.endswith("num_batches_tracked") and f"{k[:-19]}running_mean" in state_dict}
+    missing = sorted(set(own) - set(state_dict) - set(counters))
     unexpected = sorted(set(state_dict) - set(own))
     wrong = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
     if missing or unexpected or wrong:
@@ -901,13 +1140,14 @@ def load_weights(model, state_dict, arch_label):
                                            for n, o in guesses)) if guesses else "it matches no known model"
         raise ValueError(f"checkpoint does not fit {arch_label}: {len(missing)} missing keys {missing[:5]}, "
                          f"{len(unexpected)} unexpected keys {unexpected[:5]}, shape mismatches {wrong[:5]}; {hint}")
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()})
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in {**counters, **state_dict}.items()})
     return model
 
 
-def _as_image_batch(x):
+def _as_image_batch(x, size=32):
     """Validate predict() input and return it as an N x 3 x H x W tensor (uint8 or float in [0, 1])."""
-    expected = "a uint8 array N x 32 x 32 x 3 (0..255), floats in [0, 1], or an N x 3 x H x W tensor"
+    expected = (f"a uint8 array N x {size} x {size} x 3 (0..255), floats in [0, 1], "
+                f"or an N x 3 x {size} x {size} tensor")
     if isinstance(x, np.ndarray):
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"expected {expected}; got an array of shape {x.shape}")
@@ -917,7 +1157,7 @@ def _as_image_batch(x):
             raise ValueError(f"expected {expected}; got a tensor of shape {tuple(x.shape)}")
     else:
         raise ValueError(f"expected {expected}; got {type(x).__name__}")
-    if len(x) == 0 or min(x.shape[-2:]) < 8:
+    if len(x) == 0 or tuple(x.shape[-2:]) not in ((size, size), (32, 32)):  # 32 x 32 is resized for 224 px models
         raise ValueError(f"expected {expected}; got shape {tuple(x.shape)}")
     if x.dtype == torch.uint8:
         return x
@@ -953,13 +1193,15 @@ class Loaded_model:  # noqa: N801  (the seeds' name)
         label = f"{self.arch} {self.arch_options or ''}".strip()
         # weights stored in the compute dtype: faster than autocast, which re-casts them every batch
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
-        self.model = load_weights(net, find_state_dict(ckpt), label).to(
+        self.model = load_weights(net, check_weights(find_state_dict(ckpt), path), label).to(
             self.device, self.dtype, memory_format=torch.channels_last).eval()
 
     @torch.no_grad()
     def predict_proba(self, x, batch_size=128, verbose=False, tta=None):
         """N x classes probabilities; `tta` averages with the horizontally flipped view."""
-        x = _as_image_batch(x)
+        x = _as_image_batch(x, self.preprocess.size)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
         tta = self.tta if tta is None else tta
         out, n, next_mark = [], len(x), 10
         for i in range(0, n, batch_size):  # batches of 128 stay in cache; 500 is slower for ResNet18 on a CPU
@@ -981,6 +1223,8 @@ class Loaded_model:  # noqa: N801  (the seeds' name)
 
     def score(self, x, y, tta=None):
         """Accuracy (0 to 1) of the predictions for images x against labels y."""
+        if len(x) != len(y):
+            raise ValueError(f"x holds {len(x)} images but y {len(y)} labels; expected one label per image")
         return float(np.mean(self.predict(x, verbose=False, tta=tta) == np.asarray(y)))
 
 

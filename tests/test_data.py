@@ -43,6 +43,7 @@ def test_search_order_root_then_env_then_data_dir(tmp_path, fake_arrays, no_defa
 
 def test_nothing_found_lists_every_place(tmp_path, no_default_places, monkeypatch):
     monkeypatch.setenv("CIFAR10_DIR", str(tmp_path / "env_dir"))
+    (tmp_path / "root_dir").mkdir()
     with pytest.raises(FileNotFoundError) as e:
         utils.load_cifar10(tmp_path / "root_dir", download=False)
     msg = str(e.value)

@@ -53,6 +53,7 @@ def test_release_history_shows_stages_and_validation_selection(path):
     meta = utils.load_checkpoint(ROOT / path)
     history = meta["history"]
     assert "optimizer" not in meta and "rng" not in meta
+    assert meta[utils.DIGEST_KEY] == utils.payload_digest(meta)  # integrity: checked on every load, present here
     lrs, val = history["lr"], history["val_acc"]
     assert sorted(set(lrs), reverse=True) == [lr for lr, _ in meta["config"]["stages"]]  # every stage ran
     assert lrs == sorted(lrs, reverse=True) and len(lrs) == meta.get("epochs_run", meta["epoch"])

@@ -81,9 +81,11 @@ def test_extending_stage_one_from_its_last_checkpoint_matches_a_run_planned_long
     straight = tiny_trainer(tmp_path / "a", stages=[(0.1, 3), (0.01, 4)])
     straight.fit()
     tiny_trainer(tmp_path / "b", stages=[(0.1, 2), (0.01, 3)]).fit(until_stage=0)
-    longer = tiny_trainer(tmp_path / "b", stages=[(0.1, 3), (0.01, 4)]).resume(tmp_path / "b" / "ckpt_2.pth", stage=0)
+    longer = tiny_trainer(tmp_path / "b", stages=[(0.1, 3), (0.01, 4)])
+    longer.resume(tmp_path / "b" / "ckpt_2.pth", stage=0, override=True)
     history = longer.fit()
     assert history["lr"] == [0.1, 0.1, 0.1, 0.01] and history["stage_ends"] == [3, 4]
+    assert history["overrides"] == ["from epoch 2: stages: recorded [(0.1, 2), (0.01, 3)], given [(0.1, 3), (0.01, 4)]"]
     assert history["train_loss"] == straight.history["train_loss"]
     for k, v in straight.net.state_dict().items():
         assert torch.equal(v, longer.net.state_dict()[k]), k
@@ -176,7 +178,7 @@ def test_ddp_two_gloo_processes_write_one_checkpoint(tmp_path, real_cifar10):
               "--device", "cpu", "--out", str(out), "--no-progress"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2 process(es)" in r.stdout and r.stdout.count("epoch   1 stage 1") == 1
-    assert sorted(p.name for p in out.iterdir()) == ["best.pth", "ckpt_1.pth"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "best.pth", "ckpt_1.pth"]
 
 
 def test_train_cli_pauses_at_stop_epoch_and_resumes(tmp_path, real_cifar10):
