@@ -67,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--nesterov", action="store_const", const=True)
     p.add_argument("--schedule", choices=["staged", "cosine"])
     p.add_argument("--label-smoothing", type=finite_float, help="cross-entropy label smoothing (the ResNet20 release: 0.1)")
-    p.add_argument("--std", choices=["seed", "true"], help="normalization std: the reference reports' or the measured")
+    p.add_argument("--std", choices=["common", "true"], help="normalization std: the common (0.2023, ...) or the measured")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     p.add_argument("--patience", type=positive_int, help="end a stage after this many epochs without val improvement")
     p.add_argument("--min-delta", type=finite_float)

@@ -30,7 +30,7 @@ DATA_DIR = PROJECT_DIR / "data"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-SEED_STD = (0.2023, 0.1994, 0.2010)  # the std the seeds (and kuangliu) normalize with
+COMMON_STD = (0.2023, 0.1994, 0.2010)  # the std many CIFAR repositories (kuangliu's too) normalize with
 TRUE_STD = (0.2470, 0.2435, 0.2616)  # the measured per-channel std of the training pixels
 NPY_FILES = ("x_train.npy", "y_train.npy", "x_test.npy", "y_test.npy")
 BATCHES_DIR = "cifar-10-batches-py"
@@ -142,8 +142,8 @@ class Preprocess:
     """How images become network input: scale to [0, 1], optional resize, then normalize."""
 
     mean: tuple = CIFAR_MEAN
-    std: tuple = SEED_STD
-    per_image: bool = False  # per-image standardization (seed 003) instead of mean/std
+    std: tuple = COMMON_STD
+    per_image: bool = False  # per-image standardization (the ResNet v1/v2 reports) instead of mean/std
     size: int = 32  # 224 for resnet18_imagenet
 
     def __call__(self, x):
@@ -296,7 +296,7 @@ class PreActBlock(nn.Module):
 
 
 class PreActBottleneck(nn.Module):
-    """Pre-activation bottleneck block (1x1, 3x3, 1x1), the "version 2" block of seeds 003/004."""
+    """Pre-activation bottleneck block (1x1, 3x3, 1x1), the "version 2" block of the ResNet v1/v2 reports."""
 
     expansion = 4
 
@@ -321,13 +321,13 @@ class PreActBottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet with the seeds' state_dict names: conv1, bn1, layer1..., linear."""
+    """ResNet with the reference reports' state_dict names: conv1, bn1, layer1..., linear."""
 
     def __init__(self, block, num_blocks, widths, num_classes=10, stem="cifar", shortcut="B"):
         super().__init__()
         self.preact = block in (PreActBlock, PreActBottleneck)
         self.in_planes = widths[0]
-        if stem == "imagenet":  # seed 002: 7x7 stride 2 convolution and max-pool, for 224 x 224 input
+        if stem == "imagenet":  # the 224-pixel ResNet18 report's 7x7 stride 2 convolution and max-pool
             self.conv1 = nn.Conv2d(3, widths[0], 7, stride=2, padding=3, bias=False)
             self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         else:
@@ -435,6 +435,51 @@ def count_macs(model, size=32):
 # --------------------------------------------------------------------------- training
 
 
+QUICK = os.environ.get("CIFAR_QUICK") == "1"  # the test suite's quick mode: tiny data and stages, same code paths
+
+
+def quick_mode(stages, limit_train=None, limit_val=None, run_dir=None):
+    """(stages, limit_train, limit_val, run_dir) as given, or, under CIFAR_QUICK=1, one epoch a stage on 1,024
+    training and 500 validation images in a new temporary run folder."""
+    if not QUICK:
+        return stages, limit_train, limit_val, run_dir
+    import tempfile
+    quick_stages = [(lr, i + 1) for i, (lr, _) in enumerate(stages)]
+    return quick_stages, 1024, 500, tempfile.mkdtemp(prefix="quick_run_")
+
+
+def install_missing_requirements(path=None):
+    """pip-install only the requirements (above the tests' section) that are absent or outside their range."""
+    import importlib.metadata
+    import subprocess
+    import sys
+    from packaging.requirements import Requirement
+    text = Path(path or PROJECT_DIR / "requirements.txt").read_text().split("# tests and CI only")[0]
+    missing = []
+    for line in filter(None, (ln.split("#")[0].strip() for ln in text.splitlines())):
+        req = Requirement(line)
+        try:
+            ok = req.specifier.contains(importlib.metadata.version(req.name), prereleases=True)
+        except importlib.metadata.PackageNotFoundError:
+            ok = False
+        missing += [line] * (not ok)
+    if missing:
+        print("installing what this runtime lacks:", ", ".join(missing))
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *missing], check=True)
+    return missing
+
+
+def runtime_summary():
+    """One line: torch version, device (GPU name, or CPU model and its bf16 support) and the precision 'auto' picks."""
+    device = get_device()
+    if device.type == "cuda":
+        where = f"GPU {torch.cuda.get_device_name(device)}"
+    else:
+        bf16 = "computes bf16 natively" if cpu_has_native_bf16() else "no native bf16"
+        where = f"CPU {cpu_fields().get('model name', platform.processor() or 'unknown')}, {torch.get_num_threads()} threads, {bf16}"
+    return f"torch {torch.__version__} | {where} | precision {resolve_precision(device)}"
+
+
 def get_device(device=None):
     """The given device, else CUDA when available, else the CPU."""
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -445,6 +490,15 @@ def cpu_info():
     with contextlib.suppress(OSError):
         return Path("/proc/cpuinfo").read_text()
     return ""
+
+
+def cpu_fields():
+    """The first CPU's /proc/cpuinfo fields as a dict ('model name', 'cpu family', 'flags', ...)."""
+    fields = {}
+    for key, _, value in (ln.partition(":") for ln in cpu_info().splitlines()):
+        if value:
+            fields.setdefault(key.strip(), value.strip())
+    return fields
 
 
 def cpu_has_native_bf16():
@@ -489,7 +543,7 @@ def hardware_label(device, precision):
     device = torch.device(device)
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, {precision}"
-    field = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in cpu_info().splitlines()) if v}
+    field = cpu_fields()
     name = field.get("model name", platform.processor() or "cpu")
     if "cpu family" in field:  # cloud CPUs often share one model name ("AMD EPYC") across generations
         name += f" family {field['cpu family']}"
@@ -586,16 +640,16 @@ class TrainConfig:
     arch_options: dict = field(default_factory=dict)
     stages: list = field(default_factory=lambda: [(0.1, 82), (0.01, 123), (0.001, 164)])  # (lr, end epoch)
     batch_size: int = 128
-    optimizer: str = "sgd"  # or "adam" (seed 003)
+    optimizer: str = "sgd"  # or "adam" (the ResNet v1/v2 reports)
     momentum: float = 0.9
-    weight_decay: float = 5e-4  # seed 000; the paper and seed 001 use 1e-4
+    weight_decay: float = 5e-4  # the ResNet18 course report's; the paper and the ResNet20 report use 1e-4
     nesterov: bool = False
-    schedule: str = "staged"  # or "cosine" (seed 001): cosine from stages[0] lr to 0 at the last end
+    schedule: str = "staged"  # or "cosine" (the ResNet20 report): cosine from stages[0] lr to 0 at the last end
     label_smoothing: float = 0.0
     precision: str = "auto"
     seed: int = 0
     val_size: int = 5000
-    std: str = "seed"  # "seed" (0.2023, ...) or "true" (0.2470, ...)
+    std: str = "common"  # "common" (0.2023, ...) or "true" (0.2470, ...); "seed" is an older name for "common"
     save_every: int = 5
     keep_last: int = 3
     patience: int | None = None  # stop a stage when val acc has not improved by min_delta in this many epochs
@@ -617,12 +671,13 @@ class TrainConfig:
                              f"got {self.weight_decay} and {self.label_smoothing}")
         if self.optimizer not in ("sgd", "adam") or self.schedule not in ("staged", "cosine"):
             raise ValueError("optimizer must be 'sgd' or 'adam' and schedule 'staged' or 'cosine'")
-        if self.std not in ("seed", "true"):
-            raise ValueError(f"std must be 'seed' or 'true', got {self.std!r}")
+        self.std = {"seed": "common"}.get(self.std, self.std)
+        if self.std not in ("common", "true"):
+            raise ValueError(f"std must be 'common' or 'true', got {self.std!r}")
 
     def preprocess(self):
         """The Preprocess this run trains with."""
-        return Preprocess(std=SEED_STD if self.std == "seed" else TRUE_STD, size=input_size(self.arch))
+        return Preprocess(std=COMMON_STD if self.std == "common" else TRUE_STD, size=input_size(self.arch))
 
 
 def parse_stages(specs):
@@ -670,6 +725,8 @@ def recipe_differences(recorded, cfg):
         a, b = recorded[name], ours[name]
         if name == "stages":
             a, b = [tuple(x) for x in a], [tuple(x) for x in b]
+        if name == "std":  # files written before the rename recorded "seed"
+            a, b = ({"seed": "common"}.get(x, x) for x in (a, b))
         if name == "arch_options":
             a, b = canonical_arch_options(ours["arch"], a), canonical_arch_options(ours["arch"], b)
         if a != b:
@@ -1068,12 +1125,36 @@ class Trainer:
         `stop_epoch` pauses the run at that epoch (a Colab session's time limit); resume() continues it.
         """
         last = len(self.cfg.stages) - 1 if until_stage is None else until_stage
-        while self.stage <= last and (stop_epoch is None or self.epoch < stop_epoch):
-            if self.epoch >= self.cfg.stages[self.stage][1]:  # resumed at or past this stage's end
-                self._next_stage()
-            else:
+        end = min(self.cfg.stages[min(last, len(self.cfg.stages) - 1)][1], stop_epoch or math.inf)
+        first = self.epoch
+        with _progress_bar(max(end - first, 0), "run (epochs)", self.progress) as bar:
+            while self.stage <= last and (stop_epoch is None or self.epoch < stop_epoch):
+                if self.epoch >= self.cfg.stages[self.stage][1]:  # resumed at or past this stage's end
+                    self._next_stage()
+                    continue
                 self.run_epoch()
+                bar.update()
+                schedule_end = min(self.cfg.stages[-1][1], stop_epoch or math.inf)
+                if self.epoch == first + 1 and self.rank == 0 and schedule_end > self.epoch:
+                    print(self.estimate(schedule_end), flush=True)
         return self.history
+
+    def estimate(self, end):
+        """'about 12 min for the remaining 24 epochs (to epoch 30), at 30 s an epoch': from the last epoch's time."""
+        seconds = self.history["seconds"][-1] * 1.08  # validation and saving add a little to the training time
+        left = end - self.epoch
+        total = seconds * left
+        told = f"{total / 3600:.1f} h" if total >= 5400 else f"{max(round(total / 60), 1)} min"
+        return f"estimate: about {told} for the remaining {left} epoch{'s' * (left != 1)} (to epoch {end}), at {seconds:.0f} s an epoch"
+
+
+def start_or_resume(cfg, data, run_dir, **options):
+    """A Trainer for this run, resumed from the newest checkpoint of `run_dir` if it has one."""
+    trainer = Trainer(cfg, data, run_dir, **options)
+    if latest_checkpoint(run_dir):
+        trainer.resume()
+        print(f"resumed from {latest_checkpoint(run_dir)}: epoch {trainer.epoch}, stage {trainer.stage + 1}")
+    return trainer
 
 
 def export_release(checkpoint_path, out_path, half=False, run_checkpoint=None):
@@ -1170,7 +1251,7 @@ def _as_image_batch(x, size=32):
     return x
 
 
-class Loaded_model:  # noqa: N801  (the seeds' name)
+class Loaded_model:  # noqa: N801  (the name the course reports evaluate with)
     """A trained checkpoint ready to predict on the CPU: Loaded_model(path).predict(x_test)."""
 
     def __init__(self, path, device="cpu", arch=None, mean=None, std=None, tta=False, precision="auto", **arch_options):
@@ -1218,7 +1299,7 @@ class Loaded_model:  # noqa: N801  (the seeds' name)
         return torch.cat(out).numpy()
 
     def predict(self, x, batch_size=128, verbose=True, tta=None):
-        """Class indices (int64, shape (N,)) for images; prints the seeds' predicting...10% lines."""
+        """Class indices (int64, shape (N,)) for images; prints predicting...10% lines as the course reports do."""
         return self.predict_proba(x, batch_size, verbose, tta).argmax(1).astype(np.int64)
 
     def score(self, x, y, tta=None):
@@ -1234,10 +1315,25 @@ def per_class_accuracy(y_true, y_pred, classes=CLASSES):
     return {name: float((y_pred[y_true == i] == i).mean()) for i, name in enumerate(classes)}
 
 
-def most_confident_mistakes(proba, y_true, k=16):
-    """Indices of the k wrong predictions made with the highest probability."""
+def mistakes_by_confidence(proba, y_true, k=8):
+    """(most confident, least confident) wrong predictions: k indices each, by the predicted class's probability."""
     wrong = np.flatnonzero(proba.argmax(1) != np.asarray(y_true))
-    return wrong[np.argsort(-proba[wrong].max(1))][:k]
+    order = wrong[np.argsort(-proba[wrong].max(1), kind="stable")]
+    return order[:k], order[::-1][:k]
+
+
+def probability_label(p):
+    """A probability with enough decimals that close values differ: 0.60, 0.970, 0.99973."""
+    decimals = 6 if p >= 1 else max(2, 1 - math.floor(math.log10(1 - p)))
+    return f"{p:.{min(decimals, 6)}f}"
+
+
+def expected_calibration_error(proba, y_true, bins=15):
+    """ECE: the gap between confidence and accuracy, averaged over equal-width confidence bins, weighted by size."""
+    conf, correct = proba.max(1), proba.argmax(1) == np.asarray(y_true)
+    which = np.minimum((conf * bins).astype(int), bins - 1)
+    return float(sum(abs(conf[which == b].mean() - correct[which == b].mean()) * (which == b).mean()
+                     for b in range(bins) if (which == b).any()))
 
 # --------------------------------------------------------------------------- pictures
 
@@ -1355,3 +1451,106 @@ def embed_features(model, x, method="pca", seed=0, batch_size=500):
     feats = torch.cat([model.features(x[i:i + batch_size]).float().cpu() for i in range(0, len(x), batch_size)]).numpy()
     reducer = PCA(2, random_state=seed) if method == "pca" else TSNE(2, init="pca", random_state=seed)
     return reducer.fit_transform(feats), feats
+
+
+def save_history(checkpoint_path, out_path):
+    """Write a run's architecture, recipe and per-epoch history (no weights) as a small JSON file."""
+    import json
+    ckpt = load_checkpoint(checkpoint_path)
+    record = {k: ckpt[k] for k in ("arch", "arch_options", "config", "history", "epoch")}
+    tmp = Path(out_path).with_name(f".{Path(out_path).name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, out_path)
+    return Path(out_path)
+
+
+def load_history(path):
+    """A record written by save_history: {'arch', 'arch_options', 'config', 'history', 'epoch'}."""
+    import json
+    return json.loads(Path(path).read_text())
+
+
+def plot_error_curves(runs, title=None):
+    """Training and validation error (%) against epochs for {label: history}; labels starting 'plain' dashed."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for i, (label, h) in enumerate(runs.items()):
+        style = dict(color=plt.cm.tab10(i // 2 if len(runs) == 4 else i), linestyle="--" if label.startswith("plain") else "-")
+        epochs = np.arange(1, len(h["epoch"]) + 1)
+        for ax, key in zip(axes, ("train_acc", "val_acc")):
+            ax.plot(epochs, 100 * (1 - np.asarray(h[key])), label=label, **style)
+    for ax, name in zip(axes, ("training error (augmented images)", "validation error")):
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("error (%)")
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def draw_basic_block():
+    """A drawing of the basic residual block: the plain path, the shortcut and the addition, options A and B."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
+    layers = ["3×3 conv, stride s", "batch norm", "ReLU", "3×3 conv", "batch norm"]
+    shortcuts = ("option A: identity, or subsample\nby s and pad new channels with\nzeros (no weights)",
+                 "option B: identity, or 1×1 conv\n(stride s) + batch norm\n(a projection, with weights)")
+    for ax, shortcut in zip(axes, shortcuts):
+        ax.set_xlim(0, 10)
+        ax.set_ylim(-0.6, 9.4)
+        ax.axis("off")
+        ys = [7.6 - 1.25 * i for i in range(len(layers))]
+        ax.text(3, 9.0, "x", ha="center", fontsize=12, weight="bold")
+        for y, name in zip(ys, layers):
+            ax.add_patch(FancyBboxPatch((1.2, y - 0.35), 3.6, 0.7, boxstyle="round,pad=0.05", fc="#dbe9f6", ec="#1f4e79"))
+            ax.text(3, y, name, ha="center", va="center", fontsize=9)
+        arrows = [(8.75, ys[0] + 0.4)] + [(a - 0.4, b + 0.4) for a, b in zip(ys, ys[1:])] + [(ys[-1] - 0.4, 1.15)]
+        for top, bottom in arrows:
+            ax.add_patch(FancyArrowPatch((3, top), (3, bottom), arrowstyle="-|>", mutation_scale=12))
+        ax.add_patch(plt.Circle((3, 0.8), 0.35, fc="#ffe08a", ec="#7a5c00"))
+        ax.text(3, 0.8, "+", ha="center", va="center", fontsize=14, weight="bold")
+        ax.text(3, -0.45, "ReLU → out = F(x) + shortcut(x)", ha="center", fontsize=9)
+        ax.plot([3.3, 5.6, 5.6], [9.1, 9.1, 0.8], color="#b03a2e", lw=1.8)  # the shortcut skips both convolutions
+        ax.add_patch(FancyArrowPatch((5.6, 0.8), (3.35, 0.8), arrowstyle="-|>", mutation_scale=12, color="#b03a2e", lw=1.8))
+        ax.text(5.8, 4.9, shortcut, ha="left", va="center", fontsize=8.5, color="#b03a2e")
+        ax.text(0.5, 4.9, "F(x)", rotation=90, ha="center", va="center", fontsize=10, color="#1f4e79")
+    axes[0].set_title("BasicBlock with shortcut option A (the paper's CIFAR nets)", fontsize=10)
+    axes[1].set_title("BasicBlock with shortcut option B (ResNet18)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_reliability(proba, y_true, bins=15, label="model"):
+    """Reliability diagram: accuracy against confidence of the predicted class, with the ECE in the legend."""
+    import matplotlib.pyplot as plt
+    from sklearn.calibration import calibration_curve
+    conf, correct = proba.max(1), (proba.argmax(1) == np.asarray(y_true)).astype(int)
+    acc, mean_conf = calibration_curve(correct, conf, n_bins=bins, strategy="uniform")
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+    ax.plot(mean_conf, acc, marker="o", label=f"{label} (ECE {expected_calibration_error(proba, y_true, bins):.3f})")
+    ax.set_xlabel("confidence (probability of the predicted class)")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_per_class_accuracy(accuracy):
+    """Horizontal bars of {class: accuracy}, lowest at the top, the value written on each bar."""
+    import matplotlib.pyplot as plt
+    names, values = zip(*sorted(accuracy.items(), key=lambda kv: kv[1]))
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.barh(names, values, color="tab:blue")
+    for i, v in enumerate(values):
+        ax.text(v - 0.005, i, f"{100 * v:.1f}%", va="center", ha="right", color="white", fontsize=8)
+    lo = min(values)
+    ax.set_xlim(max(0.0, lo - 0.1), 1.0)
+    ax.set_xlabel("test accuracy")
+    fig.tight_layout()
+    return fig

@@ -1,11 +1,12 @@
-"""The README's results rows: each release file evaluated once on the real test set through Loaded_model.
+"""The release files measured once on the real test set: README's results rows, and the model card.
 
-    python bench/release_table.py [checkpoints/resnet20.pth ...]
+    python bench/release_table.py                           # the README's results rows
+    python bench/release_table.py --card checkpoints/README.md   # write the model card
 
-Columns: release file, model, parameters, the selected epoch, the schedule, weight decay and label smoothing (when
-used), the validation accuracy it was selected on, test accuracy single view and with flip TTA (fp32, so the figures
-are the same on every CPU), training time (the whole run's, and the median seconds an epoch), and the hardware and
-precision of each span of epochs.
+Test accuracy is measured through Loaded_model in fp32 (the same on every CPU), single view and with flip TTA.
+Everything else in the card (recipe, selection, per-stage validation, time and hardware per span of epochs)
+is read from the release files' own metadata and history, so it cannot drift from them; tests/test_release.py
+regenerates the card and fails when it differs from the committed one.
 """
 import argparse
 import sys
@@ -17,46 +18,141 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+RELEASES = ["checkpoints/resnet20.pth", "checkpoints/resnet18.pth"]
+TITLES = {"resnet20": "ResNet20 (shortcut option A)", "resnet18": "ResNet18 (CIFAR layout)"}
+
+# Runs that were releases once, or were run to compete for it; their files stay in git history (see the commands).
+SUPERSEDED = """| run | recipe | best validation | test, single / flip TTA | file |
+| --- | --- | ---: | ---: | --- |
+| ResNet20, first run | stages 0.1:82 / 0.01:123 / 0.001:164, weight decay 1e-4 | 91.90% (epoch 92) | 91.43% / 92.34% | `git show b9f4094:checkpoints/resnet20.pth` |
+| ResNet20, second run | stages 0.1:91 / 0.01:137 / 0.001:182 (the paper's iterations), weight decay 1e-4 | 91.82% (epoch 166) | not measured (lost on validation) | not kept |
+| ResNet20, third run | stages 0.1:82 / 0.01:123 / 0.001:164, weight decay 5e-4 | 92.32% (epoch 135) | 91.75% / 92.53% | `git show aacc30e:checkpoints/resnet20.pth` |
+| ResNet18, first run | stages 0.1:20 / 0.01:30 / 0.001:35, weight decay 5e-4 | 93.06% (epoch 32) | 92.86% / 93.46% | `git show 3a23041:checkpoints/resnet18.pth` |
+
+Each new run had its selection rule written down before it started: of all runs of a model, the one with the highest
+validation accuracy becomes the release, whatever the test set says; a run that loses on validation is never
+measured on the test set. `python bench/release_table.py FILE` prints a row for any file pulled out of history."""
+
+LIMITS = """## Known limits
+
+* The test figures are CIFAR-10's own test set, 10,000 images from the same distribution as the training images.
+  No claim is made about robustness to corruptions, other datasets or adversarial inputs.
+* Calibration is whatever notebook 04 measures (reliability diagram and expected calibration error); the ResNet20
+  release trained with label smoothing, the ResNet18 release without, so their confidences are not comparable.
+* Each release is one training run (seed 0); run-to-run spread of a few tenths of a point is normal for these
+  recipes and was not measured.
+* Training time depends on the machine; each epoch's seconds and hardware are in the file's history."""
 
 
-def hardware_runs(meta):
+def scores(path, x_test, y_test):
+    """(single view, flip TTA) test accuracy in percent, fp32."""
+    model = utils.Loaded_model(path, precision="fp32")
+    return model.score(x_test, y_test) * 100, model.score(x_test, y_test, tta=True) * 100
+
+
+def hardware_runs(meta, sep="; "):
     """'epochs 1-120: A; 121-164: B' from the per-epoch hardware record."""
     labels = meta["history"].get("hardware") or ["not recorded"] * len(meta["history"]["epoch"])
     starts = [i for i in range(len(labels)) if i == 0 or labels[i] != labels[i - 1]] + [len(labels)]
     if len(starts) == 2:
         return labels[0]
-    return "; ".join(f"epochs {a + 1}-{b}: {labels[a]}" for a, b in zip(starts, starts[1:]))
+    return sep.join(f"epochs {a + 1}-{b}: {labels[a]}" for a, b in zip(starts, starts[1:]))
 
 
-def row(path, x_test, y_test):
-    """One Markdown row of the results table for a release file."""
-    model = utils.Loaded_model(path, precision="fp32")
-    meta = model.meta
-    single, tta = model.score(x_test, y_test) * 100, model.score(x_test, y_test, tta=True) * 100
-    hist = meta["history"]
-    hours, per_epoch = sum(hist["seconds"]) / 3600, float(np.median(hist["seconds"]))
-    label = meta["arch"] + "".join(f" ({v})" for v in meta.get("arch_options", {}).values())
-    cfg = meta["config"]
-    recipe = " / ".join(f"{lr:g}:{end}" for lr, end in cfg["stages"]) + f", weight decay {cfg['weight_decay']:g}"
-    if cfg.get("label_smoothing"):
-        recipe += f", label smoothing {cfg['label_smoothing']:g}"
-    return (f"| `{Path(path).relative_to(ROOT)}` | {label} | {utils.count_parameters(model.model):,} | "
-            f"epoch {meta['epoch']} of {cfg['stages'][-1][1]} (stages {recipe}) | {meta['best_val_acc'] * 100:.2f}% | "
-            f"{single:.2f}% | {tta:.2f}% | {hours:.1f} h for {len(hist['seconds'])} epochs (median {per_epoch:.0f} s), "
-            f"{hardware_runs(meta)} |")
+def recipe(cfg):
+    """'stages 0.1:82 / 0.01:123 / 0.001:164, weight decay 0.0005, label smoothing 0.1'."""
+    text = "stages " + " / ".join(f"{lr:g}:{end}" for lr, end in cfg["stages"]) + f", weight decay {cfg['weight_decay']:g}"
+    return text + (f", label smoothing {cfg['label_smoothing']:g}" if cfg.get("label_smoothing") else "")
+
+
+def row(path, measured):
+    """One Markdown row of the README's results table."""
+    meta = utils.load_checkpoint(ROOT / path)
+    net = utils.build_model(meta["arch"], **meta.get("arch_options", {}))
+    single, tta = measured
+    return (f"| [`{path}`](checkpoints/README.md#{meta['arch']}) | {TITLES.get(meta['arch'], meta['arch'])} | "
+            f"{utils.count_parameters(net):,} | {single:.2f}% | {tta:.2f}% | {meta['best_val_acc'] * 100:.2f}% | "
+            f"{meta['epoch']} of {meta['config']['stages'][-1][1]} |")
+
+
+def train_command(cfg):
+    """The train.py command that runs this recipe from scratch."""
+    shortcut = cfg["arch_options"].get("shortcut")
+    return (f"python train.py --arch {cfg['arch']}" + (f" --shortcut {shortcut}" if shortcut else "")
+            + " --stages " + " ".join(f"{lr:g}:{end}" for lr, end in cfg["stages"]) + f" --wd {cfg['weight_decay']:g}"
+            + (f" --label-smoothing {cfg['label_smoothing']:g}" if cfg.get("label_smoothing") else "")
+            + f" --out checkpoints/{cfg['arch']}_run")
+
+
+def card_section(path, measured):
+    """The model card of one release file, from its metadata and history and the measured test figures."""
+    meta = utils.load_checkpoint(ROOT / path)
+    cfg, hist = meta["config"], meta["history"]
+    net = utils.build_model(meta["arch"], **meta.get("arch_options", {}))
+    stored = next(v.dtype for v in meta["model"].values() if v.is_floating_point())
+    lines = [f"## {meta['arch']}", "",
+             f"`{path}`: {TITLES.get(meta['arch'], meta['arch'])}, {utils.count_parameters(net):,} parameters, "
+             f"{(ROOT / path).stat().st_size / 2**20:.1f} MiB ({str(stored).replace('torch.', '')} weights), "
+             f"SHA-256 of its contents `{meta[utils.DIGEST_KEY][:16]}…` (checked on every load).", "",
+             f"**Recipe.** {recipe(cfg)}; batch {cfg['batch_size']}, {cfg['optimizer'].upper()} momentum "
+             f"{cfg['momentum']:g}{', nesterov' if cfg['nesterov'] else ''}, random crop (pad 4) and flip, trained on the "
+             f"45,000 images of the seeded (seed {cfg['seed']}) stratified split, validated on the other 5,000.", "",
+             f"**Selection.** The epoch with the best validation accuracy: epoch {meta['epoch']} of "
+             f"{len(hist['epoch'])}, {meta['best_val_acc'] * 100:.2f}%. The test set played no part in choosing it.", "",
+             "| stage | lr | epochs | best validation accuracy | at epoch |", "| --- | ---: | --- | ---: | ---: |"]
+    starts = [0] + hist["stage_ends"][:-1]
+    for k, ((lr, _), start, end) in enumerate(zip(cfg["stages"], starts, hist["stage_ends"])):
+        val = hist["val_acc"][start:end]
+        best = int(np.argmax(val))
+        lines.append(f"| {k + 1} | {lr:g} | {start + 1}-{end} | {max(val) * 100:.2f}% | {start + best + 1} |")
+    single, tta = measured
+    seconds = hist["seconds"]
+    lines += ["", f"**Test set, measured once** (fp32, `Loaded_model`): **{single:.2f}%** single view, "
+              f"**{tta:.2f}%** with flip TTA.", "",
+              f"**Training time and hardware.** {sum(seconds) / 3600:.1f} h of training for {len(seconds)} epochs "
+              f"(median {np.median(seconds):.0f} s an epoch, training passes only); per span of epochs:", ""]
+    lines += [f"* {span}" for span in hardware_runs(meta, sep="\n").splitlines()]
+    if hist.get("overrides"):
+        lines += ["", "Recipe changes made on resuming: " + "; ".join(hist["overrides"]) + "."]
+    lines += ["", "**Reproduce and re-measure.**", "", "```",
+              train_command(cfg),
+              f"python -c \"import utils; utils.export_release('checkpoints/{cfg['arch']}_run/best.pth', 'checkpoints/my_{cfg['arch']}.pth', "
+              f"run_checkpoint=utils.latest_checkpoint('checkpoints/{cfg['arch']}_run'))\"",
+              f"python bench/release_table.py {path}", "```", ""]
+    return "\n".join(lines)
+
+
+def card(measured):
+    """The whole model card, checkpoints/README.md."""
+    head = ["# Model card: the release files", "",
+            "Generated by `python bench/release_table.py --card checkpoints/README.md` from the release files' own "
+            "metadata and per-epoch history; the test figures are measured by the same command. "
+            "Do not edit by hand: `tests/test_release.py` regenerates it and fails when it differs.", "",
+            "Both releases classify 32 × 32 CIFAR-10 images into ten classes. Load one with "
+            "`utils.Loaded_model(path).predict(x)` or `torch.hub.load(..., pretrained=True)` (see the project README).", ""]
+    body = [card_section(path, measured[path]) for path in sorted(measured)]
+    return "\n".join(head + body + ["## Superseded runs", "", SUPERSEDED, "", LIMITS, ""])
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="*", default=sorted(str(p) for p in (ROOT / "checkpoints").glob("*.pth")))
+    p.add_argument("paths", nargs="*", default=RELEASES, help="release files (relative to the project)")
+    p.add_argument("--card", help="write the model card of the files here instead of printing rows")
     p.add_argument("--data", help="CIFAR-10 folder (else CIFAR10_DIR, data/)")
     args = p.parse_args()
     _, _, x_test, y_test = utils.load_cifar10(args.data)
-    print("| release file | model | parameters | selected epoch | validation acc (selection) | test acc, single view "
-          "| test acc, flip TTA | training |")
-    print("| --- | --- | ---: | --- | ---: | ---: | ---: | --- |")
+    measured = {path: scores(ROOT / path, x_test, y_test) for path in args.paths}
+    if args.card:
+        tmp = Path(args.card).with_name(f".{Path(args.card).name}.tmp")
+        tmp.write_text(card(measured))
+        tmp.replace(args.card)  # never a half-written card
+        print(f"wrote {args.card}")
+        return
+    print("| release file | model | parameters | test acc, single view | test acc, flip TTA | validation acc | "
+          "selected epoch |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
     for path in args.paths:
-        print(row(Path(path).resolve(), x_test, y_test))
+        print(row(path, measured[path]))
 
 
 if __name__ == "__main__":

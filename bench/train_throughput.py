@@ -1,6 +1,6 @@
-"""Training images/s: this engine against the seed-style baseline, measured in the same run.
+"""Training images/s: this engine against the course report's pipeline as baseline, measured in the same run.
 
-Baseline (seed 000): per-image PIL transforms (RandomCrop with padding, flip, ToTensor, Normalize) in a
+Baseline (the ResNet18 course report's): per-image PIL transforms (RandomCrop with padding, flip, ToTensor, Normalize) in a
 DataLoader with 2 workers, fp32, NCHW. Engine: utils.BatchLoader (batched augmentation on the device) and
 utils.train_epoch with channels_last and the precision utils.resolve_precision picks (bf16 where it measures
 faster, AMP on CUDA).
@@ -22,13 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
 
 
-class SeedStyleDataset(torch.utils.data.Dataset):
-    """uint8 HWC images through the seeds' per-image PIL pipeline."""
+class PilPipelineDataset(torch.utils.data.Dataset):
+    """uint8 HWC images through the course report's per-image PIL pipeline."""
 
     def __init__(self, x, y):
         self.x, self.y = x, y
         self.transform = T.Compose([T.ToPILImage(), T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(),
-                                    T.ToTensor(), T.Normalize(utils.CIFAR_MEAN, utils.SEED_STD)])
+                                    T.ToTensor(), T.Normalize(utils.CIFAR_MEAN, utils.COMMON_STD)])
 
     def __len__(self):
         return len(self.y)
@@ -103,7 +103,7 @@ def main():
         steps = args.steps if arch != "resnet18" else max(4, args.steps // 3)
         warmup, n = 3, 128 * (steps + 3)
         torch.manual_seed(0)
-        loader = torch.utils.data.DataLoader(SeedStyleDataset(x[:n], y[:n]), batch_size=128, shuffle=True,
+        loader = torch.utils.data.DataLoader(PilPipelineDataset(x[:n], y[:n]), batch_size=128, shuffle=True,
                                              num_workers=2, persistent_workers=False)
         base = timed_steps(fresh_model(arch, device, False), loader, sgd_step(device, "fp32"), warmup)
         batches = utils.BatchLoader(x[:n], y[:n], 128, augment=True, shuffle=True, device=device)

@@ -1,14 +1,18 @@
 """The release checkpoints named in README.md, on the real test set: the README's figures hold, the fast
 path agrees with fp32, and each file's history shows its stages and validation-based selection."""
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
 import utils
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import release_table  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-ROW = re.compile(r"^\| `(checkpoints/[\w.]+\.pth)` \|")
+ROW = re.compile(r"^\| \[`(checkpoints/[\w.]+\.pth)`\]")
 
 
 def readme_results():
@@ -21,7 +25,7 @@ def readme_results():
 
 
 RESULTS = readme_results()
-TEST_ACC, TTA_ACC = 5, 6  # columns of the results table (0-based)
+TEST_ACC, TTA_ACC = 3, 4  # columns of the results table (0-based)
 
 
 def test_readme_lists_release_files():
@@ -35,17 +39,35 @@ def test_set(real_cifar10):
     return real_cifar10[2], real_cifar10[3]
 
 
+@pytest.fixture(scope="module")
+def measured(test_set):
+    """{release: (single view, flip TTA)} in percent, fp32: measured once for every test below."""
+    return {path: release_table.scores(ROOT / path, *test_set) for path in release_table.RELEASES}
+
+
 @pytest.mark.parametrize("path", sorted(RESULTS))
-def test_readme_figures_and_fast_path_agree_with_measurement(path, test_set):
+def test_readme_figures_and_fast_path_agree_with_measurement(path, test_set, measured):
     x_test, y_test = test_set
-    exact = utils.Loaded_model(ROOT / path, precision="fp32")  # the README's figures: the same on every CPU
-    acc, tta = exact.score(x_test, y_test) * 100, exact.score(x_test, y_test, tta=True) * 100
+    acc, tta = measured[path]
     cells = RESULTS[path]
     assert abs(acc - float(cells[TEST_ACC].rstrip("%"))) <= 0.05, f"{path}: measured {acc:.2f}%, README {cells[TEST_ACC]}"
     assert abs(tta - float(cells[TTA_ACC].rstrip("%"))) <= 0.05, f"{path}: TTA {tta:.2f}%, README {cells[TTA_ACC]}"
     if utils.cpu_has_native_bf16():  # the path 'auto' takes where bf16 is faster; checked wherever it runs natively
         fast_acc = utils.Loaded_model(ROOT / path, precision="bf16").score(x_test, y_test) * 100
         assert abs(fast_acc - acc) <= 0.1, f"bf16 path {fast_acc:.2f}% vs fp32 {acc:.2f}%"
+
+
+def test_readme_rows_and_model_card_are_what_the_release_files_give():
+    """The rows and the card regenerated from the files and the README's test figures (checked above) are the
+    committed ones: a release file that changes without its card (or its row) fails here."""
+    figures = {path: tuple(float(RESULTS[path][i].rstrip("%")) for i in (TEST_ACC, TTA_ACC)) for path in RESULTS}
+    assert sorted(RESULTS) == sorted(release_table.RELEASES)
+    readme = (ROOT / "README.md").read_text().splitlines()
+    for path in RESULTS:
+        assert release_table.row(path, figures[path]) in readme, path
+    committed = (ROOT / "checkpoints" / "README.md").read_text()
+    assert release_table.card(figures) == committed, \
+        "the model card differs from the release files: python bench/release_table.py --card checkpoints/README.md"
 
 
 @pytest.mark.parametrize("path", sorted(RESULTS))

@@ -1,0 +1,46 @@
+"""torch.hub: the release files load through hubconf.py in a fresh process and score the README's figures."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_release import RESULTS, TEST_ACC
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = """
+import json, sys, numpy as np, torch
+name, root, data = sys.argv[1:]
+model = torch.hub.load(root, name, pretrained=True, source="local")
+x = torch.from_numpy(np.load(data + "/x_test.npy")).permute(0, 3, 1, 2)
+y = np.load(data + "/y_test.npy")
+with torch.no_grad():
+    pred = torch.cat([model(model.preprocess(x[i:i + 500])).argmax(1) for i in range(0, len(x), 500)]).numpy()
+print(json.dumps({"acc": float((pred == y).mean()), "training": model.training, "classes": model.classes,
+                  "device": str(next(model.parameters()).device), "type": type(model).__mro__[-2].__name__}))
+"""
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet18"])
+def test_hub_pretrained_scores_the_readme_figure(name, real_cifar10, tmp_path):
+    r = subprocess.run([sys.executable, "-c", SCRIPT, name, str(ROOT), os.environ["CIFAR10_DIR"]], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    readme = float(RESULTS[f"checkpoints/{name}.pth"][TEST_ACC].rstrip("%"))
+    assert abs(out["acc"] * 100 - readme) <= 0.05
+    assert out["training"] is False and out["device"] == "cpu" and out["classes"][3] == "cat"
+
+
+def test_hub_offers_every_architecture_untrained_and_refuses_unreleased_weights():
+    import hubconf
+    import utils
+    assert hubconf.dependencies == ["torch", "torchvision", "numpy"]
+    for name in utils.list_models():
+        model = getattr(hubconf, name)(pretrained=False)
+        assert not model.training and model.preprocess.size == utils.input_size(name) and len(model.classes) == 10
+    with pytest.raises(ValueError, match="no released weights for resnet56"):
+        hubconf.resnet56(pretrained=True)
