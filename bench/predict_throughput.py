@@ -1,7 +1,8 @@
 """Time to predict the 10,000 test images: Loaded_model.predict's fast path against a plain fp32 eager loop.
 
 Fast path: channels_last and the precision utils.resolve_precision picks (bf16 where it measures faster), batch 128.
-Baseline: the model in fp32, NCHW, batch 100, as a plain evaluation loop (the course report's) would run it. Same weights, same run.
+Baseline: the model in fp32, NCHW, batch 100, as a plain evaluation loop (the course report's) would run
+it. Same weights, same run.
 
     python bench/predict_throughput.py [--archs resnet20 resnet18]
 

@@ -13,7 +13,7 @@ import utils
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 COLAB_FREEZES = sorted((ROOT.parent / "shared" / "colab").glob("pip-freeze*.txt"))
-SETUP_MARK = "# Setup, the same cell in every notebook"
+SETUP_MARK = "#@title Setup, the same cell in every notebook"
 
 
 def setup_cell(nb):

@@ -9,6 +9,7 @@ EXPECTED_PARAMS = {
     ("resnet20", "A"): 269_722, ("resnet32", "A"): 464_154, ("resnet44", "A"): 658_586,
     ("resnet56", "A"): 853_018, ("resnet110", "A"): 1_727_962, ("resnet20", "B"): 272_474,
     ("preact_resnet164", ""): 1_703_258, ("preact_resnet18", ""): 11_172_170,
+    ("plain20", ""): 269_722, ("plain56", ""): 853_018,  # the same weights as option A ResNets, no shortcuts
 }
 
 
@@ -42,7 +43,23 @@ def test_any_valid_depth_and_bad_names():
         utils.build_model("resnet20", width=2)
 
 
-def test_seed_state_dict_names():
+def test_plain_nets_are_resnets_without_the_addition():
+    torch.manual_seed(0)
+    plain = utils.build_model("plain20").eval()
+    residual = utils.build_model("resnet20").eval()
+    residual.load_state_dict(plain.state_dict())  # same parameters, same names
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(plain(x), residual(x))
+        block_in = torch.randn(1, 16, 8, 8)
+        block = plain.layer1[0]
+        out = torch.relu(block.bn2(block.conv2(torch.relu(block.bn1(block.conv1(block_in))))))
+        assert torch.equal(block(block_in), out)  # F(x) alone: no + shortcut(x)
+    with pytest.raises(ValueError, match="no shortcuts"):
+        utils.build_model("plain20", shortcut="B")
+
+
+def test_reference_state_dict_names():
     keys = utils.build_model("resnet18").state_dict().keys()
     for key in ("conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer4.1.bn2.weight",
                 "layer2.0.shortcut.0.weight", "layer2.0.shortcut.1.weight", "linear.weight", "linear.bias"):

@@ -1,6 +1,7 @@
 """The staged training engine: exact resume, atomic saves, stages, early stop, NaN, DDP, train.py."""
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -192,3 +193,33 @@ def test_train_cli_pauses_at_stop_epoch_and_resumes(tmp_path, real_cifar10):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "from epoch 3 stage 3" in r.stdout and "epoch   4 stage 3" in r.stdout and "done: epoch 4" in r.stdout
     assert utils.load_checkpoint(out / "ckpt_4.pth")["history"]["epoch"] == [0, 1, 2, 3]
+
+
+def test_stages_scale_to_a_number_of_epochs_in_utils_and_train_py(tmp_path):
+    release = [(0.1, 82), (0.01, 123), (0.001, 164)]
+    assert utils.scale_stages(release, 30) == [(0.1, 15), (0.01, 23), (0.001, 30)]
+    assert utils.scale_stages(release, 20) == [(0.1, 10), (0.01, 15), (0.001, 20)]
+    assert utils.scale_stages(release, 3) == [(0.1, 1), (0.01, 2), (0.001, 3)]  # every stage keeps an epoch
+    assert utils.scale_stages(release, 164) == release
+    with pytest.raises(ValueError, match="cannot hold 3 stages"):
+        utils.scale_stages(release, 2)
+    import train
+    parser, args = train.parse_args(["--out", str(tmp_path / "run"), "--epochs", "30"])
+    assert train.build_config(parser, args).stages == [(0.1, 15), (0.01, 23), (0.001, 30)]
+
+
+def test_fit_prints_an_estimate_after_its_first_epoch(tmp_path, capsys):
+    tiny_trainer(tmp_path, stages=[(0.1, 2), (0.01, 4)]).fit(until_stage=0)
+    out = capsys.readouterr().out
+    assert re.search(r"estimate: about \d+ min for the remaining 3 epochs \(to epoch 4\), at \d+ s an epoch", out)
+    assert out.count("estimate:") == 1
+
+
+def test_quick_mode_shrinks_only_under_cifar_quick(monkeypatch):
+    stages = [(0.1, 82), (0.01, 123), (0.001, 164)]
+    monkeypatch.setattr(utils, "QUICK", False)
+    assert utils.quick_mode(stages, None, None, "run") == (stages, None, None, "run")
+    monkeypatch.setattr(utils, "QUICK", True)
+    quick_stages, limit_train, limit_val, run_dir = utils.quick_mode(stages, None, None, "run")
+    assert quick_stages == [(0.1, 1), (0.01, 2), (0.001, 3)] and (limit_train, limit_val) == (1024, 500)
+    assert Path(run_dir).is_dir() and not any(Path(run_dir).iterdir())
