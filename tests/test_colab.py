@@ -27,7 +27,7 @@ def read(path):
 
 
 def repo_url_of(source):
-    return re.search(r'^REPO_URL = "(.*)"', source, re.M).group(1)
+    return re.search(r'^REPO_URL = "([^"]*)"', source, re.M).group(1)
 
 
 def test_setup_cell_is_the_same_in_every_notebook_and_comes_first():
@@ -128,7 +128,7 @@ def run_as_colab(name, content, work, **settings):
     from nbclient import NotebookClient
     nb = read(ROOT / "notebooks" / name)
     setup = setup_cell(nb)
-    setup.source = re.sub(r'^REPO_URL = ".*"', f'REPO_URL = "file://{ROOT}"', setup.source, flags=re.M)
+    setup.source = re.sub(r'^REPO_URL = "[^"]*"', f'REPO_URL = "file://{ROOT}"', setup.source, flags=re.M)
     setup.source = setup.source.replace('CONTENT = Path("/content")', f'CONTENT = Path("{content}")')
     for cell in nb.cells:  # a user changing a setting
         for key, value in settings.items():
@@ -184,7 +184,7 @@ def test_setup_without_project_or_address_says_what_to_do(colab):
     nb = read(ROOT / "notebooks" / "01_data.ipynb")
     setup = setup_cell(nb)
     setup.source = setup.source.replace('CONTENT = Path("/content")', f'CONTENT = Path("{content}")')
-    setup.source = re.sub(r'^REPO_URL = ".*"', 'REPO_URL = ""', setup.source, flags=re.M)
+    setup.source = re.sub(r'^REPO_URL = "[^"]*"', 'REPO_URL = ""', setup.source, flags=re.M)
     nb.cells = [setup]
     with pytest.raises(CellExecutionError) as e:
         NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(work)}}).execute()
