@@ -449,15 +449,20 @@ def quick_mode(stages, limit_train=None, limit_val=None, run_dir=None):
     return quick_stages, 1024, 500, tempfile.mkdtemp(prefix="quick_run_")
 
 
+def runtime_requirements(path=None):
+    """The lines of requirements.txt above its tests-and-CI section: what the notebooks need."""
+    text = Path(path or PROJECT_DIR / "requirements.txt").read_text().split("# tests and CI only")[0]
+    return [line for line in (ln.split("#")[0].strip() for ln in text.splitlines()) if line]
+
+
 def install_missing_requirements(path=None):
     """pip-install only the requirements (above the tests' section) that are absent or outside their range."""
     import importlib.metadata
     import subprocess
     import sys
     from packaging.requirements import Requirement
-    text = Path(path or PROJECT_DIR / "requirements.txt").read_text().split("# tests and CI only")[0]
     missing = []
-    for line in filter(None, (ln.split("#")[0].strip() for ln in text.splitlines())):
+    for line in runtime_requirements(path):
         req = Requirement(line)
         try:
             ok = req.specifier.contains(importlib.metadata.version(req.name), prereleases=True)
@@ -1135,7 +1140,7 @@ class Trainer:
         """
         last = len(self.cfg.stages) - 1 if until_stage is None else until_stage
         end = min(self.cfg.stages[min(last, len(self.cfg.stages) - 1)][1], stop_epoch or math.inf)
-        first = self.epoch
+        first, schedule_end = self.epoch, min(self.cfg.stages[-1][1], stop_epoch or math.inf)
         with _progress_bar(max(end - first, 0), "run (epochs)", self.progress) as bar:
             while self.stage <= last and (stop_epoch is None or self.epoch < stop_epoch):
                 if self.epoch >= self.cfg.stages[self.stage][1]:  # resumed at or past this stage's end
@@ -1143,7 +1148,6 @@ class Trainer:
                     continue
                 self.run_epoch()
                 bar.update()
-                schedule_end = min(self.cfg.stages[-1][1], stop_epoch or math.inf)
                 if self.epoch == first + 1 and self.rank == 0 and schedule_end > self.epoch:
                     print(self.estimate(schedule_end), flush=True)
         return self.history

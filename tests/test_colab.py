@@ -65,11 +65,6 @@ def test_training_notebook_stores_its_time_estimate():
     assert any(re.search(r"estimate: about \d+", t) for t in outputs)
 
 
-def _requirements():
-    text = (ROOT / "requirements.txt").read_text().split("# tests and CI only")[0]
-    return [ln.split("#")[0].strip() for ln in text.splitlines() if ln.split("#")[0].strip()]
-
-
 def _freeze_versions(path):
     versions = {}
     for line in path.read_text().splitlines():
@@ -90,7 +85,7 @@ def test_colab_satisfies_the_notebooks_requirements():
         pytest.fail(reason) if os.environ.get("CI") else pytest.skip(reason)
     for freeze in COLAB_FREEZES:
         versions = _freeze_versions(freeze)
-        for line in _requirements():
+        for line in utils.runtime_requirements():
             req = Requirement(line)
             assert req.name.lower() in versions, f"{freeze.name} has no {req.name}"
             assert req.specifier.contains(versions[req.name.lower()], prereleases=True), \
