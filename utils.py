@@ -63,16 +63,36 @@ def _stack_batches(open_batch):
     return (np.concatenate([b[0] for b in train]), np.concatenate([b[1] for b in train]), x_test, y_test)
 
 
+def _data_form(place: Path):
+    """Which accepted form of the data a folder holds: "npy", "batches", "tarball", or None."""
+    if all((place / f).is_file() for f in NPY_FILES):
+        return "npy"
+    if (place / BATCHES_DIR / "data_batch_1").is_file():
+        return "batches"
+    return "tarball" if (place / TARBALL).is_file() else None
+
+
 def _load_from(place: Path):
     """The four arrays from one folder in any accepted form, or None if none is there."""
-    if all((place / f).is_file() for f in NPY_FILES):
+    form = _data_form(place)
+    if form == "npy":
         return tuple(np.load(place / f, allow_pickle=False) for f in NPY_FILES)
-    if (place / BATCHES_DIR / "data_batch_1").is_file():
+    if form == "batches":
         return _stack_batches(lambda name: open(place / BATCHES_DIR / name, "rb"))
-    if (place / TARBALL).is_file():
+    if form == "tarball":
         with tarfile.open(place / TARBALL, "r:gz") as tar:
             return _stack_batches(lambda name: io.BytesIO(tar.extractfile(f"{BATCHES_DIR}/{name}").read()))
     return None
+
+
+def _data_places(root=None):
+    """Where the data is looked for, in order: the given folder, $CIFAR10_DIR, data/."""
+    return [Path(p) for p in (root, os.environ.get("CIFAR10_DIR"), DATA_DIR) if p]
+
+
+def find_cifar10(root=None):
+    """The first folder of root, $CIFAR10_DIR and data/ holding the data in an accepted form, or None."""
+    return next((place for place in _data_places(root) if _data_form(place)), None)
 
 
 def load_cifar10(root=None, download=True):
@@ -80,11 +100,10 @@ def load_cifar10(root=None, download=True):
     if root is not None and not Path(root).is_dir():  # an explicit folder is never silently replaced by another
         raise FileNotFoundError(f"CIFAR-10 folder {root} does not exist; pass an existing folder, or root=None "
                                 "to search $CIFAR10_DIR and data/")
-    places = [Path(p) for p in (root, os.environ.get("CIFAR10_DIR"), DATA_DIR) if p]
-    for place in places:
-        arrays = _load_from(place)
-        if arrays is not None:
-            return _check_arrays(arrays, place)
+    places = _data_places(root)
+    place = find_cifar10(root)
+    if place is not None:
+        return _check_arrays(_load_from(place), place)
     reason = "download=False"
     if download:
         try:
