@@ -152,9 +152,10 @@ def setup_distributed(device):
         return 0, 1, utils.get_device(device)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and device != "cpu"
+    if use_cuda:  # before the process group, so NCCL binds each rank to its own GPU
+        torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if use_cuda else "gloo")
     if use_cuda:
-        torch.cuda.set_device(local_rank)
         return dist.get_rank(), world_size, torch.device("cuda", local_rank)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))  # share the cores, don't oversubscribe
     return dist.get_rank(), world_size, torch.device("cpu")
@@ -170,6 +171,15 @@ def load_data(args, cfg):
 def main(argv=None):
     p, args = parse_args(argv)
     rank, world_size, device = setup_distributed(args.device)
+    try:
+        run(p, args, rank, world_size, device)
+    finally:  # also on an error or Ctrl-C: the other ranks are not left waiting in a collective
+        if world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(p, args, rank, world_size, device):
+    """Check, build or resume, and train: the body of main, inside the process group."""
     source, ckpt = None, None
     try:
         if rank == 0:  # before any data is loaded: the folder must be free, and fresh unless resuming
@@ -195,14 +205,12 @@ def main(argv=None):
               "To train longer, give longer --stages with --override.")
         return
     if rank == 0:
-        print(f"{cfg.arch} on {device} ({trainer.precision}), {world_size} process(es), "
+        print(f"{cfg.arch} on {device} ({trainer.precision}), {world_size} process(es) of batch {trainer.batch_per_rank}, "
               f"{len(trainer.train_loader.y)} train / {len(trainer.val_loader.y)} val images, "
               f"from epoch {trainer.epoch} stage {trainer.stage + 1}, stages {cfg.stages}", flush=True)
     trainer.fit(stop_epoch=args.stop_epoch)
     if rank == 0:
         print(f"{'done' if trainer.stage >= len(cfg.stages) else 'paused'}: epoch {trainer.epoch}, best val acc {trainer.best_val_acc:.4f}")
-    if world_size > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

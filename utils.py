@@ -180,12 +180,22 @@ class Preprocess:
         return (x - mean) / std
 
 
-def augment_batch(x, generator=None, pad=4):
-    """Random crop after `pad`-pixel zero padding and random horizontal flip, drawn per image, on x's device."""
+def draw_augmentation(n, generator=None, pad=4):
+    """Per-image (row offset, column offset, flip) for `n` images, as a 3 x n int64 CPU tensor."""
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    return torch.stack([oy, ox, flip.long()])
+
+
+def augment_batch(x, generator=None, pad=4, draws=None):
+    """Random crop after `pad`-pixel zero padding and random horizontal flip per image, on x's device.
+
+    `draws` (from draw_augmentation, already on x's device) replaces drawing from `generator`.
+    """
     n, _, h, w = x.shape
-    oy = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator).to(x.device)
-    ox = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator).to(x.device)
-    flip = (torch.rand(n, 1, generator=generator) < 0.5).to(x.device)
+    draws = (draw_augmentation(n, generator, pad).to(x.device) if draws is None else draws)[:, :, None]
+    oy, ox, flip = draws[0], draws[1], draws[2].bool()
     rows = oy + torch.arange(h, device=x.device)
     cols = ox + torch.where(flip, torch.arange(w - 1, -1, -1, device=x.device), torch.arange(w, device=x.device))
     padded = F.pad(x, (pad, pad, pad, pad)).permute(0, 2, 3, 1)  # N x H x W x C for one gather
@@ -219,15 +229,28 @@ class BatchLoader:
         n = len(self.y) // self.world_size  # each rank's shard, as _order cuts it
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
-    def __iter__(self):
+    def epoch_plan(self):
+        """The epoch's image order and, when augmenting, each image's draws: one 4 x N (or 1 x N) int64 tensor.
+
+        Drawn on the CPU in the order the batches use them, then moved to the device in one copy, so a GPU gets
+        one host-to-device transfer an epoch and its batches are the CPU's, bit for bit.
+        """
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = self._order(g)
+        rows = [order]
+        if self.augment:
+            sizes = [len(order[i * self.batch_size:(i + 1) * self.batch_size]) for i in range(len(self))]
+            rows = [order[:sum(sizes)], *torch.cat([draw_augmentation(k, g) for k in sizes], 1)]
+        return torch.stack(rows).to(self.x.device, non_blocking=True)
+
+    def __iter__(self):
+        plan = self.epoch_plan()
         for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size].to(self.x.device)
-            xb = self.x[idx]
+            part = plan[:, i * self.batch_size:(i + 1) * self.batch_size]
+            xb = self.x[part[0]]
             if self.augment:
-                xb = augment_batch(xb, g)
-            yield self.preprocess(xb).contiguous(memory_format=torch.channels_last), self.y[idx]
+                xb = augment_batch(xb, draws=part[1:])
+            yield self.preprocess(xb).contiguous(memory_format=torch.channels_last), self.y[part[0]]
         self.epoch += 1  # a plain loop over epochs reshuffles
 
 # --------------------------------------------------------------------------- models
@@ -447,8 +470,9 @@ def count_macs(model, size=32):
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
+    weight = next(model.parameters())
     with counter, torch.no_grad():
-        model(torch.zeros(1, 3, size, size))
+        model(torch.zeros(1, 3, size, size, device=weight.device, dtype=weight.dtype))
     model.train(was_training)
     return counter.get_total_flops() // 2
 
@@ -566,16 +590,23 @@ def resolve_precision(device, precision="auto"):
     if precision != "auto":
         return precision
     if torch.device(device).type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # is_bf16_supported() is True on a T4 too (emulated since torch 2.3); bf16 tensor cores need capability 8.0
+        return "bf16" if cuda_capability(device) >= (8, 0) else "fp16"
     # bf16 instructions alone don't make it faster: on one AVX512-BF16 Xeon without AMX, bf16 ran slower than fp32.
     return "bf16" if cpu_has_native_bf16() and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP else "fp32"
+
+
+def cuda_capability(device):
+    """(major, minor) compute capability of the given CUDA device (its index, or the current one without)."""
+    return tuple(torch.cuda.get_device_capability(torch.device(device)))
 
 
 def hardware_label(device, precision):
     """Where and how an epoch ran, for the history: 'AMD EPYC family 25 (AVX2), 2 threads, fp32' or 'Tesla T4, bf16'."""
     device = torch.device(device)
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, {precision}"
+        tf32 = precision == "fp32" and cuda_capability(device) >= (8, 0) and torch.backends.cudnn.allow_tf32
+        return f"{torch.cuda.get_device_name(device)}, {precision}{' (TF32 convolutions)' * tf32}"
     field = cpu_fields()
     name = field.get("model name", platform.processor() or "cpu")
     if "cpu family" in field:  # cloud CPUs often share one model name ("AMD EPYC") across generations
@@ -648,7 +679,8 @@ def train_epoch(model, loader, optimizer, criterion, device, precision="fp32", s
                                 img_s=f"{seen / (time.perf_counter() - start):.0f}")
             bar.update()
     seconds = time.perf_counter() - start
-    return dict(loss=total_loss.item() / seen, acc=correct.item() / seen, seconds=seconds, images_per_s=seen / seconds)
+    return dict(loss=total_loss.item() / seen, acc=correct.item() / seen, seconds=seconds, images_per_s=seen / seconds,
+                images=seen)
 
 
 @torch.no_grad()
@@ -961,6 +993,17 @@ def readable_checkpoints(source):
                             + (f" (damaged: {', '.join(skipped)})" if skipped else ""))
 
 
+def _to_cpu(obj):
+    """A copy of nested dicts, lists and tuples with every tensor moved to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
 class Trainer:
     """Staged training with checkpoints every few epochs, exact resume and best-on-validation selection."""
 
@@ -971,10 +1014,14 @@ class Trainer:
         if self.device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
         self.progress = progress and rank == 0
+        if cfg.batch_size % world_size:
+            raise ValueError(f"batch size {cfg.batch_size} does not split evenly over {world_size} processes")
+        self.batch_per_rank = cfg.batch_size // world_size  # the recipe's batch is the global one, as is its lr
         x_tr, y_tr, x_val, y_val = data
         pre = cfg.preprocess()
-        self.train_loader = BatchLoader(x_tr, y_tr, cfg.batch_size, pre, augment=True, shuffle=True, drop_last=False,
-                                        seed=cfg.seed, device=self.device, rank=rank, world_size=world_size)
+        self.train_loader = BatchLoader(x_tr, y_tr, self.batch_per_rank, pre, augment=True, shuffle=True,
+                                        drop_last=False, seed=cfg.seed, device=self.device, rank=rank,
+                                        world_size=world_size)
         self.val_loader = BatchLoader(x_val, y_val, 500, pre, device=self.device)
         torch.manual_seed(cfg.seed)  # the same initial weights for the same seed
         self.net = build_model(cfg.arch, len(CLASSES), **cfg.arch_options).to(self.device, memory_format=torch.channels_last)
@@ -1018,13 +1065,12 @@ class Trainer:
             "epoch": self.epoch, "stage": self.stage, "best_val_acc": self.best_val_acc,
             "stage_best": self.stage_best, "stage_bad_epochs": self.stage_bad_epochs,
             "history": self.history, "precision": self.precision, "device": str(self.device), "versions": _versions(),
-            "saved": list(self.saved),
+            "saved": list(self.saved), "world_size": self.world_size, "batch_per_rank": self.batch_per_rank,
         }
-        if with_optimizer:
-            state["optimizer"] = self.optimizer.state_dict()
+        if with_optimizer:  # nothing draws from a CUDA generator (augmentation uses a seeded CPU one): not saved
+            state["optimizer"] = _to_cpu(self.optimizer.state_dict())
             state["scaler"] = self.scaler.state_dict() if self.scaler else None
-            state["rng"] = {"torch": torch.get_rng_state(),
-                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            state["rng"] = {"torch": torch.get_rng_state()}
         return state
 
     def load_state(self, path, stage=None, override=False, ckpt=None):
@@ -1135,7 +1181,9 @@ class Trainer:
         desc = f"epoch {self.epoch + 1}/{self.cfg.stages[-1][1]}"
         tr = train_epoch(self.model, self.train_loader, self.optimizer, self.criterion, self.device,
                          self.precision, self.scaler, desc, self.progress)
-        val = evaluate(self.net, self.val_loader, self.device, self.precision)
+        val = evaluate(self.net, self.val_loader, self.device, self.precision) if self.rank == 0 else None
+        if self.world_size > 1:
+            tr, val = self._agree(tr, val)
         row = dict(epoch=self.epoch, stage=self.stage, lr=lr, train_loss=tr["loss"], train_acc=tr["acc"],
                    val_loss=val["loss"], val_acc=val["acc"], seconds=tr["seconds"], hardware=self.hardware)
         self.epoch += 1
@@ -1148,6 +1196,19 @@ class Trainer:
         self.best_val_acc = max(self.best_val_acc, val["acc"])
         self._save(stage_end=stage_end, best=best)
         return stage_end
+
+    def _agree(self, tr, val):
+        """Across processes: train metrics over all shards, and rank 0's validation (its batch-norm statistics are
+        the ones saved), so that every rank takes the same plateau and stage decisions."""
+        import torch.distributed as dist
+        sums = torch.tensor([tr["loss"] * tr["images"], tr["acc"] * tr["images"], tr["images"]],
+                            dtype=torch.float64, device=self.device)
+        dist.all_reduce(sums)
+        tr = dict(tr, loss=(sums[0] / sums[2]).item(), acc=(sums[1] / sums[2]).item(), images=int(sums[2].item()))
+        scores = torch.tensor([val["loss"], val["acc"]] if self.rank == 0 else [0.0, 0.0], dtype=torch.float64,
+                              device=self.device)
+        dist.broadcast(scores, src=0)
+        return tr, dict(loss=scores[0].item(), acc=scores[1].item())
 
     def _next_stage(self):
         self.stage, self.stage_best, self.stage_bad_epochs = self.stage + 1, -1.0, 0
