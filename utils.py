@@ -5,7 +5,9 @@ The module reads top to bottom in the order the notebooks meet it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import hashlib
 import io
 import math
 import os
@@ -490,6 +492,11 @@ def quick_mode(stages, limit_train=None, limit_val=None, run_dir=None):
     import tempfile
     quick_stages = [(lr, i + 1) for i, (lr, _) in enumerate(stages)]
     return quick_stages, 1024, 500, tempfile.mkdtemp(prefix="quick_run_")
+
+
+def quick_images(n):
+    """`n`, or at most 1,000 under CIFAR_QUICK=1: how many images an optional measurement in a notebook uses."""
+    return min(n, 1000) if QUICK else n
 
 
 def runtime_requirements(path=None):
@@ -1347,9 +1354,17 @@ def _as_image_batch(x, size=32):
 
 
 class Loaded_model:  # noqa: N801  (the name the course reports evaluate with)
-    """A trained checkpoint ready to predict on the CPU: Loaded_model(path).predict(x_test)."""
+    """A trained checkpoint ready to predict on the CPU: Loaded_model(path).predict(x_test).
 
-    def __init__(self, path, device="cpu", arch=None, mean=None, std=None, tta=False, precision="auto", **arch_options):
+    precision: 'auto' (fp32, or bf16 where this CPU computes it faster), 'fp32', 'bf16', 'fp16', or 'int8'
+    (CPU only, asked for by name: post-training quantization calibrated on `calibration` images, by default 1,000
+    of the training split).
+    """
+
+    def __init__(self, path, device="cpu", arch=None, mean=None, std=None, tta=False, precision="auto",
+                 calibration=None, **arch_options):
+        if precision == "int8" and (reason := int8_unavailable_reason(device)):  # before any work
+            raise Int8UnavailableError(reason)
         ckpt = load_checkpoint(path)
         meta = ckpt if isinstance(ckpt, dict) and "arch" in ckpt else {}
         self.arch = arch or meta.get("arch")
@@ -1363,14 +1378,17 @@ class Loaded_model:  # noqa: N801  (the name the course reports evaluate with)
         self.preprocess = Preprocess(**pre)
         self.classes = list(meta.get("classes", CLASSES))
         self.device = get_device(device)
-        self.precision = resolve_precision(self.device, precision)
+        self.precision = "int8" if precision == "int8" else resolve_precision(self.device, precision)
         self.tta, self.meta = tta, {k: v for k, v in meta.items() if k not in ("model", "optimizer", "rng")}
         net = build_model(self.arch, len(self.classes), **self.arch_options)
         label = f"{self.arch} {self.arch_options or ''}".strip()
         # weights stored in the compute dtype: faster than autocast, which re-casts them every batch
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
         self.model = load_weights(net, check_weights(find_state_dict(ckpt), path), label).to(
             self.device, self.dtype, memory_format=torch.channels_last).eval()
+        if self.precision == "int8":  # calibrated once per release file and torch; the statistics are kept beside it
+            cache = Path(path).with_name(f"{Path(path).stem}.int8-statistics.pth")
+            self.model = quantize_int8(self.model, self.preprocess, calibration, cache, int8_cache_key(path, calibration))
 
     @torch.no_grad()
     def predict_proba(self, x, batch_size=128, verbose=False, tta=None):
@@ -1429,6 +1447,183 @@ def expected_calibration_error(proba, y_true, bins=15):
     which = np.minimum((conf * bins).astype(int), bins - 1)
     return float(sum(abs(conf[which == b].mean() - correct[which == b].mean()) * (which == b).mean()
                      for b in range(bins) if (which == b).any()))
+
+# int8: post-training static quantization (PT2E) lowered to oneDNN's int8 convolutions on x86 CPUs
+
+INT8_BATCH = 128  # the lowered graph's fixed batch; a shorter last batch is padded
+INT8_CALIBRATION = 1000  # images of the training split, drawn with seed 0, unless the caller gives its own
+
+
+class Int8UnavailableError(RuntimeError):
+    """int8 inference cannot run here; the message names what is missing and the precisions that work."""
+
+
+@functools.lru_cache(maxsize=None)
+def _pt2e_tools():
+    """(prepare, convert, make_quantizer, lower, library) from torchao 0.11+, else from a torch that still ships them."""
+    with _quiet_libraries():
+        return _import_pt2e_tools()
+
+
+@contextlib.contextmanager
+def _quiet_libraries():
+    """Silence the deprecation notes torchao and the int8 lowering print, which a reader cannot act on."""
+    import logging
+    import warnings
+    pytree_log = logging.getLogger("torch.utils._pytree")
+    level = pytree_log.level
+    pytree_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        pytree_log.setLevel(level)
+
+
+def _import_pt2e_tools():
+    """The PT2E functions, or None when neither torchao nor torch provides them."""
+    try:
+        from torchao import __version__ as version
+        from torchao.quantization.pt2e.lowering import lower_pt2e_quantized_to_x86 as lower
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+        with contextlib.suppress(ImportError):  # torchao 0.12+ keeps the int8 fusion passes itself: register them
+            import torchao.quantization.pt2e.inductor_passes.x86  # noqa: F401
+        library = f"torchao {version}"
+    except ImportError:
+        try:
+            from torch.ao.quantization.pt2e.lowering import lower_pt2e_quantized_to_x86 as lower
+            from torch.ao.quantization.quantize_pt2e import convert_pt2e, prepare_pt2e
+            from torch.ao.quantization.quantizer import x86_inductor_quantizer as xiq
+            library = f"torch {torch.__version__}"
+        except ImportError:
+            return None
+
+    def make_quantizer():
+        quantizer = xiq.X86InductorQuantizer()  # per-channel int8 weights, per-tensor uint8 activations
+        return quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+
+    return prepare_pt2e, convert_pt2e, make_quantizer, lower, library
+
+
+def int8_unavailable_reason(device="cpu"):
+    """Why precision='int8' cannot run on `device` here, or None when it can."""
+    works = "precisions that work here: 'fp32', 'bf16' and 'auto'"
+    if torch.device(device).type != "cpu":
+        return f"int8 runs on the CPU only, not {device}; on {device} use 'auto', 'fp32', 'fp16' or 'bf16'"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"int8 needs an x86-64 CPU (oneDNN's int8 convolutions); this one is {platform.machine()}; {works}"
+    if not torch.backends.mkldnn.is_available():
+        return f"int8 needs a torch built with oneDNN (mkldnn), which this one ({torch.__version__}) lacks; {works}"
+    if _pt2e_tools() is None:
+        return ("int8 needs PT2E quantization: pip install 'torchao>=0.11' (this torch, "
+                f"{torch.__version__}, no longer ships torch.ao.quantization.quantize_pt2e); {works}")
+    return None
+
+
+def calibration_images(n=None, seed=0, root=None):
+    """`n` (default INT8_CALIBRATION) images drawn with `seed` from the training split (the 45,000 images: never
+    validation, never test)."""
+    x, y, _, _ = load_cifar10(root)
+    x_train, _, _, _ = train_val_split(x, y)
+    return x_train[np.random.default_rng(seed).choice(len(x_train), n or INT8_CALIBRATION, replace=False)]
+
+
+def _observers(prepared):
+    """A prepared graph's observers keyed by what each observes (stable across builds, unlike module names)."""
+    found, seen = {}, {}
+    for node in prepared.graph.nodes:
+        if node.op == "call_module" and "activation_post_process" in str(node.target):
+            source = node.args[0]
+            name = str(source.target) if source.op == "get_attr" else source.name
+            seen[name] = seen.get(name, 0) + 1
+            found[f"{name}#{seen[name]}"] = prepared.get_submodule(node.target)
+    return found
+
+
+def _cached_statistics(cache, key, observers):
+    """The observers' calibrated buffers from `cache` when it was written for exactly `key`, else None."""
+    with contextlib.suppress(FileNotFoundError, DamagedCheckpointError, KeyError, TypeError):
+        stored = load_checkpoint(cache)
+        if stored["key"] == key and set(stored["observers"]) == set(observers):
+            return stored["observers"]
+    return None
+
+
+class _FixedBatch(nn.Module):
+    """Runs a graph lowered for batches of exactly `size` on any batch: split, pad the last part, trim."""
+
+    def __init__(self, graph, size):
+        super().__init__()
+        self.graph, self.size = graph, size
+
+    def train(self, mode=True):
+        """A quantized graph has no training mode: eval() and train() leave it as it is."""
+        return self
+
+    def forward(self, x):
+        parts, x = [], x.contiguous(memory_format=torch.channels_last)  # the layout the graph was lowered for
+        for i in range(0, len(x), self.size):
+            part = x[i:i + self.size]
+            pad = self.size - len(part)
+            if pad:
+                part = torch.cat([part, part.new_zeros(pad, *part.shape[1:])]).contiguous(
+                    memory_format=torch.channels_last)
+            parts.append(self.graph(part)[:self.size - pad])
+        return torch.cat(parts)
+
+
+def quantize_int8(model, preprocess, calibration=None, cache=None, key=None):
+    """`model` (fp32) post-training quantized to int8 for this CPU: batch norm folded, per-channel weights,
+    activations calibrated on `calibration` images (default: calibration_images()). With `cache` (a file) and
+    `key` (what the statistics depend on), calibration runs once; a cache written for another key is rebuilt."""
+    prepare, convert, make_quantizer, lower, _ = _pt2e_tools()  # int8_unavailable_reason() has checked them
+    size = preprocess.size
+    example = (torch.zeros(INT8_BATCH, 3, size, size).contiguous(memory_format=torch.channels_last),)
+    batch = {0: torch.export.Dim("batch", min=1, max=4096)}  # calibration batches of any size
+    with torch.no_grad():
+        graph = torch.export.export(copy.deepcopy(model).float().eval(), example, dynamic_shapes=(batch,)).module()
+        prepared = prepare(graph, make_quantizer())  # folds batch norm into the convolutions of the copy
+        observers = _observers(prepared)
+        stats = _cached_statistics(cache, key, observers) if cache else None
+        if stats is None:
+            images = calibration_images() if calibration is None else calibration
+            xt = _as_image_batch(images, size)
+            for i in range(0, len(xt), INT8_BATCH):
+                prepared(preprocess(xt[i:i + INT8_BATCH]).contiguous(memory_format=torch.channels_last))
+            stats = {k: {n: b.clone() for n, b in m.named_buffers()} for k, m in observers.items()}
+            if cache:
+                with contextlib.suppress(OSError):  # a read-only folder: no cache, the next load calibrates again
+                    save_checkpoint({"key": key, "observers": stats}, cache)
+        else:
+            for k, module in observers.items():
+                for name, value in stats[k].items():
+                    getattr(module, name).resize_(value.shape).copy_(value)
+        with _quiet_libraries():
+            return _FixedBatch(lower(convert(prepared), example), INT8_BATCH)
+
+
+def _file_sha256(path):
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def int8_cache_key(path, calibration=None):
+    """What a release's int8 statistics depend on: the file's bytes, torch, the quantization library, the images."""
+    images = (f"training split, {INT8_CALIBRATION} images, seed 0" if calibration is None
+              else f"given images sha256 {array_sha256(calibration)}")
+    return f"{Path(path).name} sha256 {_file_sha256(path)} | torch {torch.__version__} | {_pt2e_tools()[4]} | {images}"
+
+
+def array_sha256(a):
+    """SHA-256 of an array's dtype, shape and bytes."""
+    a = np.ascontiguousarray(np.asarray(a))
+    return hashlib.sha256(f"{a.dtype}{a.shape}".encode() + a.tobytes()).hexdigest()
 
 # --------------------------------------------------------------------------- pictures
 

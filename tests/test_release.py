@@ -1,5 +1,6 @@
 """The release checkpoints named in README.md, on the real test set: the README's figures hold, the fast
 path agrees with fp32, and each file's history shows its stages and validation-based selection."""
+import os
 import re
 import sys
 from pathlib import Path
@@ -81,3 +82,19 @@ def test_release_history_shows_stages_and_validation_selection(path):
     assert lrs == sorted(lrs, reverse=True) and len(lrs) == meta.get("epochs_run", meta["epoch"])
     assert len(history["hardware"]) == len(lrs)  # where and in what precision each epoch ran
     assert val.index(max(val)) + 1 == meta["epoch"] and max(val) == meta["best_val_acc"]  # chosen on validation
+
+
+def _int8_ready():
+    """Skip (or, under CI, fail where the CPU could run it) unless int8 can run fast on this CPU."""
+    flags = set(utils.cpu_fields().get("flags", "").split())
+    if not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+        pytest.skip("this CPU has no VNNI or AMX-INT8 instructions, which int8 inference is checked on")
+    if reason := utils.int8_unavailable_reason("cpu"):
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
+
+
+@pytest.mark.parametrize("path", sorted(RESULTS))
+def test_int8_keeps_accuracy_within_0_3_points_of_fp32(path, test_set, measured):
+    _int8_ready()
+    int8 = utils.Loaded_model(ROOT / path, precision="int8").score(*test_set) * 100
+    assert abs(int8 - measured[path][0]) <= 0.3, f"{path}: int8 {int8:.2f}% vs fp32 {measured[path][0]:.2f}%"

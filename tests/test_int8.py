@@ -1,0 +1,118 @@
+"""int8 inference: clear errors where it cannot run, calibration on the training split only, a cache that is
+rebuilt whenever the release file (or anything else it depends on) changes."""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import utils
+from conftest import make_fake_arrays, write_npy
+
+
+def _distinct_arrays(n_train=5200, n_test=100):
+    """Fake CIFAR-shaped data whose every image is different (its index written in its first pixels)."""
+    x_tr, y_tr, x_te, y_te = make_fake_arrays(n_train=n_train, n_test=n_test)
+    for x, offset in ((x_tr, 0), (x_te, n_train)):
+        idx = np.arange(len(x)) + offset
+        x[:, 0, 0, 0], x[:, 0, 0, 1] = idx // 256, idx % 256
+    return x_tr, y_tr, x_te, y_te
+
+
+@pytest.fixture
+def fake_data(tmp_path, monkeypatch):
+    arrays = _distinct_arrays()
+    write_npy(tmp_path / "data", arrays)
+    monkeypatch.setenv("CIFAR10_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(utils, "DATA_DIR", tmp_path / "no_data_here")
+    monkeypatch.setattr(utils, "INT8_CALIBRATION", 64)
+    return arrays
+
+
+def _release(path, seed=0):
+    torch.manual_seed(seed)
+    net = utils.build_model("resnet8")
+    utils.save_checkpoint({"arch": "resnet8", "arch_options": {}, "model": net.state_dict()}, path)
+    return path
+
+
+def _needs_int8():
+    if reason := utils.int8_unavailable_reason("cpu"):
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
+
+
+def test_calibration_images_come_from_the_training_split_only(fake_data):
+    x_tr, y_tr, x_te, _ = fake_data
+    train, _, val, _ = utils.train_val_split(x_tr, y_tr)
+    key = lambda imgs: {(int(a), int(b)) for a, b in imgs[:, 0, 0, :2]}  # noqa: E731
+    chosen = utils.calibration_images()
+    assert len(chosen) == 64 and len(key(chosen)) == 64
+    assert key(chosen) <= key(train)
+    assert not key(chosen) & key(val) and not key(chosen) & key(x_te)
+    assert np.array_equal(chosen, utils.calibration_images())  # a fixed seed: the same images every time
+
+
+def test_int8_model_calibrates_on_calibration_images_never_the_test_set(fake_data, tmp_path, monkeypatch):
+    _needs_int8()
+    seen = []
+    real_as_batch = utils._as_image_batch
+    monkeypatch.setattr(utils, "_as_image_batch", lambda x, size=32: seen.append(np.array(x)) or real_as_batch(x, size))
+    model = utils.Loaded_model(_release(tmp_path / "r8.pth"), precision="int8")
+    assert len(seen) == 1 and np.array_equal(seen[0], utils.calibration_images())
+    x_te = fake_data[2]
+    assert not {bytes(img) for img in seen[0]} & {bytes(img) for img in x_te}
+    assert model.precision == "int8" and model.predict(x_te, verbose=False).shape == (len(x_te),)
+
+
+def test_cache_is_used_and_a_changed_release_file_rebuilds_it(fake_data, tmp_path, monkeypatch):
+    _needs_int8()
+    calls = []
+    real = utils.calibration_images
+    monkeypatch.setattr(utils, "calibration_images", lambda *a, **k: calls.append(1) or real(*a, **k))
+    path = _release(tmp_path / "r8.pth", seed=0)
+    cache = tmp_path / "r8.int8-statistics.pth"
+    x = fake_data[2][:40]
+    first = utils.Loaded_model(path, precision="int8").predict_proba(x)
+    assert len(calls) == 1 and cache.is_file()
+    again = utils.Loaded_model(path, precision="int8").predict_proba(x)
+    assert len(calls) == 1 and np.array_equal(first, again)  # calibrated once: the second load read the cache
+    _release(path, seed=1)  # the release file changes: its statistics no longer hold
+    changed = utils.Loaded_model(path, precision="int8").predict_proba(x)
+    assert len(calls) == 2 and not np.array_equal(first, changed)
+    assert utils.load_checkpoint(cache)["key"] == utils.int8_cache_key(path)
+    cache.write_bytes(cache.read_bytes()[:100])  # damaged: rebuilt, never trusted
+    utils.Loaded_model(path, precision="int8")
+    assert len(calls) == 3
+
+
+def test_auto_never_picks_int8(tmp_path):
+    assert utils.Loaded_model(_release(tmp_path / "r8.pth")).precision in ("fp32", "bf16")
+
+
+def test_int8_errors_name_what_is_missing_before_any_work(tmp_path, monkeypatch):
+    missing = tmp_path / "no_such_file.pth"  # the error comes before the file is even opened
+    with pytest.raises(utils.Int8UnavailableError, match="CPU only.*use 'auto', 'fp32', 'fp16' or 'bf16'"):
+        utils.Loaded_model(missing, device="cuda", precision="int8")
+    monkeypatch.setattr(utils, "_pt2e_tools", lambda: None)
+    with pytest.raises(utils.Int8UnavailableError, match=r"pip install 'torchao>=0.11'.*'fp32', 'bf16'"):
+        utils.Loaded_model(missing, precision="int8")
+    monkeypatch.setattr(utils.platform, "machine", lambda: "arm64")
+    with pytest.raises(utils.Int8UnavailableError, match="x86-64 CPU.*arm64"):
+        utils.Loaded_model(missing, precision="int8")
+
+
+def test_int8_needs_no_cpp_compiler(tmp_path, fake_data):
+    """The lowering runs oneDNN's int8 kernels directly (no Inductor code generation), so no compiler is asked for."""
+    _needs_int8()
+    bare = tmp_path / "bin"  # an empty PATH: Python is started by its full name
+    bare.mkdir()
+    assert shutil.which("gcc", path=str(bare)) is None and shutil.which("g++", path=str(bare)) is None
+    code = ("import utils, numpy as np; images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), np.uint8); "
+            "m = utils.Loaded_model(r'%s', precision='int8', calibration=images); "
+            "print(m.predict(np.zeros((3, 32, 32, 3), np.uint8), verbose=False).shape)") % _release(tmp_path / "r8.pth")
+    env = {**os.environ, "PATH": str(bare), "CC": "", "CXX": "", "PYTHONPATH": str(utils.PROJECT_DIR)}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0 and "(3,)" in run.stdout, run.stderr[-2000:]
