@@ -853,7 +853,6 @@ def _feed_digest(h, obj):
 
 def payload_digest(payload):
     """SHA-256 (hex) of a checkpoint's tensors and values, its own digest entry left out."""
-    import hashlib
     h = hashlib.sha256()
     _feed_digest(h, {k: v for k, v in payload.items() if k != DIGEST_KEY})
     return h.hexdigest()
@@ -1616,14 +1615,10 @@ def _file_sha256(path):
 def int8_cache_key(path, calibration=None):
     """What a release's int8 statistics depend on: the file's bytes, torch, the quantization library, the images."""
     images = (f"training split, {INT8_CALIBRATION} images, seed 0" if calibration is None
-              else f"given images sha256 {array_sha256(calibration)}")
+              else f"given images sha256 {payload_digest({'images': torch.as_tensor(np.asarray(calibration))})}")
     return f"{Path(path).name} sha256 {_file_sha256(path)} | torch {torch.__version__} | {_pt2e_tools()[4]} | {images}"
 
 
-def array_sha256(a):
-    """SHA-256 of an array's dtype, shape and bytes."""
-    a = np.ascontiguousarray(np.asarray(a))
-    return hashlib.sha256(f"{a.dtype}{a.shape}".encode() + a.tobytes()).hexdigest()
 
 # --------------------------------------------------------------------------- pictures
 

@@ -30,33 +30,21 @@ def precision_report(device):
 
 
 def train_rate(arch, device, precision, steps, batch_size=128):
-    """(images/s, host-device syncs per step) of `steps` training steps after 5 warm-up steps, synthetic data."""
+    """(images/s, host-device syncs per step) of `steps` training steps (whole passes of 4 batches) after 4
+    warm-up steps, synthetic data, through utils.train_epoch."""
     x = np.random.default_rng(0).integers(0, 256, (batch_size * 4, 32, 32, 3), dtype=np.uint8)
     y = np.arange(len(x)) % 10
     cfg = utils.TrainConfig(arch=arch, arch_options={"shortcut": "A"} if arch == "resnet20" else {},
                             batch_size=batch_size, precision=precision)
     trainer = utils.Trainer(cfg, (x, y, x[:batch_size], y[:batch_size]), None, device, progress=False)
-    loader = trainer.train_loader
 
-    def run(n):
-        done = 0
-        while done < n:
-            for xb, yb in loader:
-                if done == n:
-                    break
-                with utils.autocast(device, trainer.precision):
-                    loss = trainer.criterion(trainer.model(xb), yb)
-                trainer.optimizer.zero_grad(set_to_none=True)
-                if trainer.scaler:
-                    trainer.scaler.scale(loss).backward()
-                    trainer.scaler.step(trainer.optimizer)
-                    trainer.scaler.update()
-                else:
-                    loss.backward()
-                    trainer.optimizer.step()
-                done += 1
+    def run(n):  # the engine's own training step, whole passes over the loader's 4 batches
+        for _ in range(n // len(trainer.train_loader)):
+            utils.train_epoch(trainer.model, trainer.train_loader, trainer.optimizer, trainer.criterion, device,
+                              trainer.precision, trainer.scaler, progress=False)
 
-    run(5)
+    steps = max(steps // 4, 1) * 4
+    run(4)
     torch.cuda.synchronize(device)
     torch.cuda.set_sync_debug_mode("warn")  # every synchronizing call warns: count them
     with warnings.catch_warnings(record=True) as caught:
