@@ -16,7 +16,8 @@ from pathlib import Path
 dependencies = ["torch", "torchvision", "numpy"]
 
 HERE = Path(__file__).resolve().parent
-RELEASES = {"resnet20": "checkpoints/resnet20.pth", "resnet18": "checkpoints/resnet18.pth"}
+RELEASES = {"resnet20": "checkpoints/resnet20.pth", "resnet18": "checkpoints/resnet18.pth",
+            "speedrun": "checkpoints/speedrun.pth"}
 
 
 def _utils():

@@ -190,17 +190,18 @@ def draw_augmentation(n, generator=None, pad=4):
     return torch.stack([oy, ox, flip.long()])
 
 
-def augment_batch(x, generator=None, pad=4, draws=None):
+def augment_batch(x, generator=None, pad=4, draws=None, padding="constant"):
     """Random crop after `pad`-pixel zero padding and random horizontal flip per image, on x's device.
 
-    `draws` (from draw_augmentation, already on x's device) replaces drawing from `generator`.
+    `draws` (from draw_augmentation, already on x's device) replaces drawing from `generator`; padding='reflect'
+    mirrors the border instead of padding with zeros (the speed run's shifts).
     """
     n, _, h, w = x.shape
     draws = (draw_augmentation(n, generator, pad).to(x.device) if draws is None else draws)[:, :, None]
     oy, ox, flip = draws[0], draws[1], draws[2].bool()
     rows = oy + torch.arange(h, device=x.device)
     cols = ox + torch.where(flip, torch.arange(w - 1, -1, -1, device=x.device), torch.arange(w, device=x.device))
-    padded = F.pad(x, (pad, pad, pad, pad)).permute(0, 2, 3, 1)  # N x H x W x C for one gather
+    padded = F.pad(x, (pad, pad, pad, pad), mode=padding).permute(0, 2, 3, 1)  # N x H x W x C for one gather
     out = padded[torch.arange(n, device=x.device).view(n, 1, 1), rows[:, :, None], cols[:, None, :]]
     return out.permute(0, 3, 1, 2).contiguous()
 
@@ -415,6 +416,63 @@ class ResNet(nn.Module):
         return self.linear(self.features(x))
 
 
+class SpeedRunGroup(nn.Module):
+    """conv, 2x2 max-pool, BN, GELU, then conv, BN, GELU with a shortcut around it (the speed run's group)."""
+
+    def __init__(self, in_planes, planes, residual=True):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes, eps=1e-12, momentum=0.4)  # short runs: running statistics must catch up fast
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes, eps=1e-12, momentum=0.4)
+        self.residual = residual
+        for conv in (self.conv1, self.conv2):  # identity on the first input channels: the group starts near a copy
+            nn.init.dirac_(conv.weight.data[:conv.in_channels])
+
+    def forward(self, x):
+        x = F.gelu(self.bn1(F.max_pool2d(self.conv1(x), 2)))
+        out = F.gelu(self.bn2(self.conv2(x)))
+        return x + out if self.residual else out
+
+
+class SpeedRunNet(nn.Module):
+    """The speed run's network: a 2x2 whitening stem, three groups of widths 64/256/256, max-pool, linear / 9."""
+
+    def __init__(self, num_classes=10, widths=(64, 256, 256), residual=True):
+        super().__init__()
+        self.whiten = nn.Conv2d(3, 24, 2)  # 24 = both signs of the 12 eigenvectors of 2x2x3 patches
+        planes = [24, *widths]
+        for i in range(3):
+            setattr(self, f"layer{i + 1}", SpeedRunGroup(planes[i], planes[i + 1], residual))
+        self.linear = nn.Linear(widths[-1], num_classes, bias=False)
+
+    def features(self, x):
+        """Penultimate features: the global max over the last group's 3x3 map."""
+        out = F.gelu(self.whiten(x))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        return F.adaptive_max_pool2d(out, 1).flatten(1)
+
+    def forward(self, x):
+        return self.linear(self.features(x)) / 9  # smaller logits: calmer early steps at a high learning rate
+
+
+def layer_table(model, size=32):
+    """(name, output shape, parameters, MACs) of each top-level layer for one size x size image."""
+    from torch.utils.flop_counter import FlopCounterMode
+    shapes = {}
+    hooks = [m.register_forward_hook(lambda _, __, out, n=n: shapes.__setitem__(n, tuple(out.shape[1:])))
+             for n, m in model.named_children()]
+    counter, was_training = FlopCounterMode(display=False), model.training
+    with counter, torch.no_grad():
+        model.eval()(torch.zeros(1, 3, size, size))
+    model.train(was_training)
+    for hook in hooks:
+        hook.remove()
+    flops = counter.get_flop_counts()
+    root = type(model).__name__
+    return [(n, shapes.get(n), count_parameters(m), sum(flops.get(f"{root}.{n}", {}).values()) // 2)
+            for n, m in model.named_children()]
+
 def _cifar_depth(name, prefix, step):
     """Depth from a name like resnet56 (6n+2) or preact_resnet164 (9n+2), or None."""
     m = re.fullmatch(prefix + r"(\d+)", name)
@@ -424,7 +482,12 @@ def _cifar_depth(name, prefix, step):
 
 
 def build_model(name, num_classes=10, **options):
-    """A model by name (see list_models()); options: shortcut='A'|'B' for the 6n+2 family."""
+    """A model by name (see list_models()); options: shortcut='A'|'B' for the 6n+2 family, residual for speedrun."""
+    if name == "speedrun":
+        residual = options.pop("residual", True)
+        if options or not isinstance(residual, bool):
+            raise TypeError(f"speedrun takes one option, residual=True or False; got {options or residual!r}")
+        return SpeedRunNet(num_classes, residual=residual)
     shortcut = options.pop("shortcut", None)
     if options:
         raise TypeError(f"unknown options {sorted(options)} for {name}; the only option is shortcut='A' or 'B'")
@@ -453,7 +516,7 @@ def build_model(name, num_classes=10, **options):
 def list_models():
     """The model names build_model knows by default."""
     return ["resnet18", "resnet18_imagenet", "preact_resnet18", "resnet20", "resnet32",
-            "resnet44", "resnet56", "resnet110", "preact_resnet164", "plain20", "plain56"]
+            "resnet44", "resnet56", "resnet110", "preact_resnet164", "plain20", "plain56", "speedrun"]
 
 
 def input_size(name):
@@ -690,6 +753,18 @@ def train_epoch(model, loader, optimizer, criterion, device, precision="fp32", s
                 images=seen)
 
 
+TTA_VIEWS = ("none", "flip", "flip_translate")  # test-time views; True means "flip", False "none"
+
+
+def _tta_views(tta):
+    """One of TTA_VIEWS from a name or a bool, or a one-line error naming the choices."""
+    if isinstance(tta, bool):
+        return "flip" if tta else "none"
+    if tta not in TTA_VIEWS:
+        raise ValueError(f"tta must be one of {TTA_VIEWS} (or True / False), got {tta!r}")
+    return tta
+
+
 @torch.no_grad()
 def evaluate(model, loader, device, precision="fp32"):
     """Mean cross-entropy loss and accuracy of `model` on `loader`."""
@@ -784,6 +859,8 @@ def canonical_arch_options(arch, options):
         options.setdefault("shortcut", "A")
     elif arch in ("resnet18", "resnet18_imagenet"):
         options.setdefault("shortcut", "B")
+    elif arch == "speedrun":
+        options.setdefault("residual", True)
     return options
 
 
@@ -1257,6 +1334,212 @@ def start_or_resume(cfg, data, run_dir, **options):
     return trainer
 
 
+# --------------------------------------------------------------------------- speed run
+
+
+@dataclass
+class SpeedRunConfig:
+    """The speed run's recipe (after Keller Jordan's airbench94); each trick is a switch the ablation turns off."""
+
+    epochs: float = 10.0
+    batch_size: int = 512  # 1,024 runs slower on a 2-core CPU (the activations leave the cache)
+    lr: float = 11.5  # airbench's units: per 1,024 images of summed loss, with momentum's gain divided out
+    momentum: float = 0.85
+    weight_decay: float = 0.0153  # per 1,024 images, independent of the learning rate
+    nesterov: bool = True
+    warmup: float = 0.2  # fraction of the steps in which the lr rises from 0.2x to its peak; then linear to 0
+    label_smoothing: float = 0.2
+    whitening: bool = True  # first layer's filters from the training patches' covariance, frozen
+    whiten_bias_epochs: float = 3.0  # the whitening layer's bias trains this long, then freezes
+    frozen_bn_weights: bool = True  # batch-norm scales stay 1; only their biases learn, at bias_lr_scale x the lr
+    bias_lr_scale: float = 64.0
+    lookahead: bool = True  # every 5 steps, pull the weights toward their running average (stronger late)
+    alternating_flip: bool = True  # each image mirrored in every other epoch instead of at random
+    translate: int = 2  # random shifts of up to this many pixels with reflected borders (0: none)
+    tta: str = "flip_translate"  # the views the test accuracy averages: "none", "flip" or "flip_translate"
+    residual: bool = True  # shortcut around each group's second convolution
+    precision: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.tta not in TTA_VIEWS:
+            raise ValueError(f"tta must be one of {TTA_VIEWS}, got {self.tta!r}")
+        if not (self.epochs > 0 and self.batch_size >= 1 and 0 <= self.warmup < 1 and self.translate >= 0):
+            raise ValueError("epochs must be > 0, batch_size >= 1, warmup in [0, 1) and translate >= 0; got "
+                             f"{self.epochs}, {self.batch_size}, {self.warmup}, {self.translate}")
+
+
+SPEEDRUN_TRICKS = ("whitening", "lookahead", "alternating_flip", "label_smoothing", "translate", "tta",
+                   "frozen_bn_weights", "residual", "warmup", "nesterov")
+
+
+def without_trick(cfg, trick):
+    """The same recipe with one trick switched off (label smoothing 0, no shifts, no TTA views, ...)."""
+    off = {"label_smoothing": 0.0, "translate": 0, "tta": "none", "warmup": 0.0}.get(trick, False)
+    if trick not in SPEEDRUN_TRICKS:
+        raise ValueError(f"unknown trick {trick!r}; the tricks are {', '.join(SPEEDRUN_TRICKS)}")
+    return SpeedRunConfig(**{**asdict(cfg), trick: off})
+
+
+def whitening_filters(images, eps=5e-4):
+    """24 2x2 filters that whiten normalized images' patches: eigenvectors / sqrt(eigenvalue + eps), both signs."""
+    patches = images.float().unfold(2, 2, 1).unfold(3, 2, 1).transpose(1, 3).reshape(-1, 12).double()
+    eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
+    filters = (eigenvectors.T / (eigenvalues[:, None] + eps).sqrt()).flip(0).reshape(12, 3, 2, 2)
+    return torch.cat([filters, -filters]).float()
+
+
+def speedrun_lr_factor(cfg, step, total):
+    """The learning rate's multiple at a step: linear from 0.2 to 1 over the warm-up, then linear to 0."""
+    top = cfg.warmup * total
+    return 0.2 + 0.8 * step / top if step < top else (total - step) / (total - top)
+
+
+def speedrun_optimizer(net, cfg):
+    """Nesterov SGD in airbench's units: batch-norm biases at bias_lr_scale x the lr, the same decay per image."""
+    kilostep = 1024 * (1 + 1 / (1 - cfg.momentum))
+    lr, decay = cfg.lr / kilostep, cfg.weight_decay * cfg.batch_size / kilostep
+    biases = [p for n, p in net.named_parameters() if ".bn" in n and n.endswith("bias")]
+    others = [p for n, p in net.named_parameters() if p.requires_grad and not (".bn" in n and n.endswith("bias"))]
+    scale = cfg.bias_lr_scale if cfg.frozen_bn_weights else 1.0
+    groups = [dict(params=biases, lr=lr * scale, weight_decay=decay / (lr * scale), base_lr=lr * scale),
+              dict(params=others, lr=lr, weight_decay=decay / lr, base_lr=lr)]
+    return torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+class Lookahead:
+    """A running average of the weights that the weights are reset to every few steps (airbench's EMA)."""
+
+    def __init__(self, net):
+        self.average = {k: v.detach().clone() for k, v in net.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, net, decay):
+        """average <- decay * average + (1 - decay) * weights; then weights <- average."""
+        state = net.state_dict()
+        for k, avg in self.average.items():
+            avg.lerp_(state[k], 1 - decay)
+            state[k].copy_(avg)
+
+
+def speedrun_flips(n, epoch, cfg, first_flips):
+    """Which images are mirrored this epoch: alternating from a fixed random start, or fresh draws."""
+    if cfg.alternating_flip:
+        return first_flips ^ bool(epoch % 2)
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * epoch + 1)
+    return torch.rand(n, generator=g) < 0.5
+
+
+@torch.no_grad()
+def tta_probabilities(model, xb, tta="none"):
+    """Softmax probabilities of a normalized batch averaged over the test-time views ('none', 'flip', 'flip_translate')."""
+    p = model(xb).float().softmax(1)
+    if tta in ("flip", "flip_translate"):
+        p = (p + model(xb.flip(3)).float().softmax(1)) / 2
+    if tta == "flip_translate":  # half the weight on the image shifted a pixel up-left and down-right, each mirrored too
+        padded = F.pad(xb.float(), (1, 1, 1, 1), mode="reflect").to(xb.dtype)
+        views = [padded[:, :, :-2, :-2], padded[:, :, 2:, 2:]]
+        p = (p + sum(tta_probabilities(model, v.contiguous(memory_format=torch.channels_last), "flip")
+                     for v in views) / 2) / 2
+    return p
+
+
+@torch.no_grad()
+def tta_accuracy(net, x, y, tta="none", device="cpu", precision="fp32", batch_size=500):
+    """Accuracy of an eval-mode network on normalized images x (float N x 3 x 32 x 32) under the given views."""
+    net.eval()
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size].to(device).contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            correct += (tta_probabilities(net, xb, tta).argmax(1).cpu() == y[i:i + batch_size]).sum().item()
+    return correct / len(x)
+
+
+def speedrun(cfg, x_train, y_train, x_eval=None, y_eval=None, device=None, log=print):
+    """Train the speed run's network on uint8 images; returns dict(model, history, precision, hardware).
+
+    With evaluation images, each epoch ends with their single-view accuracy (for the curve; nothing is selected).
+    """
+    device = get_device(device)
+    precision = resolve_precision(device, cfg.precision)
+    pre = Preprocess(std=TRUE_STD)
+    x = pre(images_to_tensor(x_train)).to(device)
+    y = torch.as_tensor(np.asarray(y_train), dtype=torch.long).to(device)
+    if x_eval is not None:
+        x_ev, y_ev = pre(images_to_tensor(x_eval)), torch.as_tensor(np.asarray(y_eval), dtype=torch.long)
+    torch.manual_seed(cfg.seed)
+    net = build_model("speedrun", residual=cfg.residual).to(device, memory_format=torch.channels_last)
+    if cfg.whitening:
+        net.whiten.weight.data.copy_(whitening_filters(x[:5000]))
+        net.whiten.weight.requires_grad_(False)
+    for name, param in net.named_parameters():
+        if cfg.frozen_bn_weights and ".bn" in name and name.endswith("weight"):
+            param.requires_grad_(False)
+    optimizer = speedrun_optimizer(net, cfg)
+    lookahead = Lookahead(net) if cfg.lookahead else None
+    n, g = len(y), torch.Generator().manual_seed(cfg.seed)
+    steps_per_epoch = n // cfg.batch_size
+    total = max(math.ceil(cfg.epochs * steps_per_epoch), 1)
+    first_flips = torch.rand(n, generator=g) < 0.5
+    history = {k: [] for k in ("epoch", "train_loss", "train_acc", "val_acc", "seconds", "elapsed")}
+    step, epoch, start = 0, 0, time.perf_counter()
+    while step < total:
+        net.train()
+        tick, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
+        if cfg.whitening and epoch == math.ceil(cfg.whiten_bias_epochs):
+            net.whiten.bias.requires_grad_(False)
+        order = torch.randperm(n, generator=g)
+        draws = draw_augmentation(n, g, cfg.translate)
+        draws[2] = speedrun_flips(n, epoch, cfg, first_flips).long()
+        for i in range(min(steps_per_epoch, total - step)):
+            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            xb = augment_batch(x[idx.to(device)], pad=cfg.translate, draws=draws[:, idx].to(device), padding="reflect")
+            xb, yb = xb.contiguous(memory_format=torch.channels_last), y[idx.to(device)]
+            factor = speedrun_lr_factor(cfg, step, total)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            with autocast(device, precision):
+                logits = net(xb)
+            loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing, reduction="sum")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if lookahead and step % 5 == 0:
+                lookahead.update(net, decay=0.95 ** 5 * (step / total) ** 3)
+            loss_sum += loss.item()
+            correct += (logits.argmax(1) == yb).sum().item()
+            seen += len(yb)
+        if not math.isfinite(loss_sum):
+            raise NonFiniteLossError(f"the speed run's loss became {loss_sum} in epoch {epoch + 1}; lower lr")
+        if lookahead and step == total:
+            lookahead.update(net, decay=1.0)  # end on the average itself
+        seconds = time.perf_counter() - tick
+        val = tta_accuracy(net, x_ev, y_ev, "none", device, precision) if x_eval is not None else float("nan")
+        for k, v in dict(epoch=epoch, train_loss=loss_sum / seen, train_acc=correct / seen, val_acc=val,
+                         seconds=seconds, elapsed=time.perf_counter() - start).items():
+            history[k].append(v)
+        epoch += 1
+        if log:
+            log(f"epoch {epoch:2d} | train loss {loss_sum / seen:.4f} acc {correct / seen:.4f} | "
+                f"{'val acc %.4f | ' % val if x_eval is not None else ''}{seconds:.0f} s")
+    if x_eval is None:
+        del history["val_acc"]
+    net.eval()
+    return dict(model=net, history=history, precision=precision, hardware=hardware_label(device, precision))
+
+
+def speedrun_checkpoint(cfg, result, **extra):
+    """A release payload for a finished speed run: what Loaded_model and the hub read, plus its recipe and history."""
+    return {"arch": "speedrun", "arch_options": {"residual": cfg.residual},
+            "preprocess": asdict(Preprocess(std=TRUE_STD)), "input_size": 32, "classes": list(CLASSES),
+            "config": asdict(cfg), "tta": cfg.tta,
+            "model": {k: v.detach().cpu() for k, v in result["model"].state_dict().items()},
+            "history": result["history"], "precision": result["precision"], "hardware": result["hardware"],
+            "versions": _versions(), **extra}
+
+
 def export_release(checkpoint_path, out_path, half=False, run_checkpoint=None):
     """Write a release file: weights, metadata and history, no optimizer or RNG state; fp16 weights if `half`.
 
@@ -1358,12 +1641,16 @@ class Loaded_model:  # noqa: N801  (the name the course reports evaluate with)
     precision: 'auto' (fp32, or bf16 where this CPU computes it faster), 'fp32', 'bf16', 'fp16', or 'int8'
     (CPU only, asked for by name: post-training quantization calibrated on `calibration` images, by default 1,000
     of the training split).
+    tta: the test-time views predictions average, 'none', 'flip' (or True) or 'flip_translate'; by default the
+    ones the file records (the speed run's release records 'flip_translate'; the others none).
     """
 
-    def __init__(self, path, device="cpu", arch=None, mean=None, std=None, tta=False, precision="auto",
+    def __init__(self, path, device="cpu", arch=None, mean=None, std=None, tta=None, precision="auto",
                  calibration=None, **arch_options):
         if precision == "int8" and (reason := int8_unavailable_reason(device)):  # before any work
             raise Int8UnavailableError(reason)
+        if tta is not None:
+            _tta_views(tta)
         ckpt = load_checkpoint(path)
         meta = ckpt if isinstance(ckpt, dict) and "arch" in ckpt else {}
         self.arch = arch or meta.get("arch")
@@ -1378,7 +1665,8 @@ class Loaded_model:  # noqa: N801  (the name the course reports evaluate with)
         self.classes = list(meta.get("classes", CLASSES))
         self.device = get_device(device)
         self.precision = "int8" if precision == "int8" else resolve_precision(self.device, precision)
-        self.tta, self.meta = tta, {k: v for k, v in meta.items() if k not in ("model", "optimizer", "rng")}
+        self.tta = _tta_views(meta.get("tta", "none") if tta is None else tta)
+        self.meta = {k: v for k, v in meta.items() if k not in ("model", "optimizer", "rng")}
         net = build_model(self.arch, len(self.classes), **self.arch_options)
         label = f"{self.arch} {self.arch_options or ''}".strip()
         # weights stored in the compute dtype: faster than autocast, which re-casts them every batch
@@ -1391,19 +1679,16 @@ class Loaded_model:  # noqa: N801  (the name the course reports evaluate with)
 
     @torch.no_grad()
     def predict_proba(self, x, batch_size=128, verbose=False, tta=None):
-        """N x classes probabilities; `tta` averages with the horizontally flipped view."""
+        """N x classes probabilities, averaged over the test-time views `tta` (default: the model's)."""
         x = _as_image_batch(x, self.preprocess.size)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
-        tta = self.tta if tta is None else tta
+        tta = self.tta if tta is None else _tta_views(tta)
         out, n, next_mark = [], len(x), 10
         for i in range(0, n, batch_size):  # batches of 128 stay in cache; 500 is slower for ResNet18 on a CPU
             xb = self.preprocess(x[i:i + batch_size].to(self.device)).to(self.dtype)
             xb = xb.contiguous(memory_format=torch.channels_last)
-            p = self.model(xb).float().softmax(1)
-            if tta:
-                p = (p + self.model(xb.flip(3)).float().softmax(1)) / 2
-            out.append(p.cpu())
+            out.append(tta_probabilities(self.model, xb, tta).cpu())
             done = min(i + batch_size, n) * 100 // n
             while verbose and next_mark <= done:
                 print(f"predicting...{next_mark}%")

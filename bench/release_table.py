@@ -2,6 +2,7 @@
 
     python bench/release_table.py                           # the README's results rows
     python bench/release_table.py --card checkpoints/README.md   # write the model card
+    python bench/release_table.py --speedrun                # the README's speed-run table
 
 Test accuracy is measured through Loaded_model in fp32 (the same on every CPU), single view and with flip TTA.
 Everything else in the card (recipe, selection, per-stage validation, time and hardware per span of epochs)
@@ -9,6 +10,7 @@ is read from the release files' own metadata and history, so it cannot drift fro
 regenerates the card and fails when it differs from the committed one.
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -19,7 +21,10 @@ import utils  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RELEASES = ["checkpoints/resnet20.pth", "checkpoints/resnet18.pth"]
-TITLES = {"resnet20": "ResNet20 (shortcut option A)", "resnet18": "ResNet18 (CIFAR layout)"}
+TITLES = {"resnet20": "ResNet20 (shortcut option A)", "resnet18": "ResNet18 (CIFAR layout)",
+          "speedrun": "the speed run's network (whitening stem, three residual groups)"}
+SPEEDRUN = "checkpoints/speedrun.pth"  # seed 0's model of the speed run's final protocol
+SPEEDRUN_RUNS = "checkpoints/speedrun_runs.json"  # every run of that protocol, written by bench/speedrun.py
 
 # Runs that were releases once, or were run to compete for it; their files stay in git history (see the commands).
 SUPERSEDED = """| run | recipe | best validation | test, single / flip TTA | file |
@@ -45,9 +50,60 @@ LIMITS = """## Known limits
 
 
 def scores(path, x_test, y_test):
-    """(single view, flip TTA) test accuracy in percent, fp32."""
+    """(single view, with test-time views) test accuracy in percent, fp32: the views the file records, else flip."""
     model = utils.Loaded_model(path, precision="fp32")
-    return model.score(x_test, y_test) * 100, model.score(x_test, y_test, tta=True) * 100
+    views = model.tta if model.tta != "none" else "flip"
+    return model.score(x_test, y_test, tta="none") * 100, model.score(x_test, y_test, tta=views) * 100
+
+
+def speedrun_rows(results):
+    """The README's speed-run table: one row per run of bench/speedrun.py's results file, then their mean."""
+    lines = ["| run | test acc, single view | test acc, flip and shift TTA | wall time | at 800 GFLOP/s | "
+             "machine, training precision, its measured peak |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for r in results["runs"]:
+        name = f"seed {r['seed']}" + (f" ([`{SPEEDRUN}`](checkpoints/README.md#speedrun))" if r["seed"] == 0 else "")
+        lines.append(f"| {name} | {r['test_acc']:.2%} | {r['test_acc_tta']:.2%} | {r['seconds'] / 60:.1f} min | "
+                     f"{r['seconds_at_800'] / 60:.1f} min | {r['hardware']}, {r['peak_gflops']:.0f} GFLOP/s |")
+    if len(results["runs"]) > 1:
+        single, views = ([r[k] * 100 for r in results["runs"]] for k in ("test_acc", "test_acc_tta"))
+        lines.append(f"| mean of {len(single)} | {np.mean(single):.2f}% ± {np.std(single, ddof=1):.2f} | "
+                     f"{np.mean(views):.2f}% ± {np.std(views, ddof=1):.2f} | | slowest "
+                     f"{max(r['seconds_at_800'] for r in results['runs']) / 60:.1f} min | |")
+    return lines
+
+
+def speedrun_card_section(path, measured):
+    """The model card of the speed run's release, from its metadata and the protocol's results file."""
+    meta = utils.load_checkpoint(ROOT / path)
+    cfg, hist = meta["config"], meta["history"]
+    runs = json.loads((ROOT / SPEEDRUN_RUNS).read_text())["runs"]
+    net = utils.build_model("speedrun", **meta["arch_options"])
+    tricks = [t for t in utils.SPEEDRUN_TRICKS if utils.without_trick(utils.SpeedRunConfig(**cfg), t) !=
+              utils.SpeedRunConfig(**cfg)]
+    single, views = measured
+    views_name = {"flip_translate": "flip and one-pixel shifts"}.get(cfg["tta"], cfg["tta"])
+    lines = ["## speedrun", "",
+             f"`{path}`: {TITLES['speedrun']}, {utils.count_parameters(net):,} parameters, "
+             f"{utils.count_macs(net) / 1e6:.0f} M multiply-accumulates an image, "
+             f"{(ROOT / path).stat().st_size / 2**20:.1f} MiB, SHA-256 of its contents `{meta[utils.DIGEST_KEY][:16]}…`.",
+             "",
+             f"**Recipe** (`utils.SpeedRunConfig`, fixed on the validation split by `bench/speedrun_ablation.py`): "
+             f"{cfg['epochs']:g} epochs of batch {cfg['batch_size']}, Nesterov SGD (lr {cfg['lr']:g} and weight decay "
+             f"{cfg['weight_decay']:g} in airbench's units, momentum {cfg['momentum']:g}), warm-up over "
+             f"{cfg['warmup']:.0%} of the steps then linear decay to 0, label smoothing {cfg['label_smoothing']:g}, "
+             f"shifts of up to {cfg['translate']} pixels; tricks on: {', '.join(tricks)}.", "",
+             f"**Protocol.** Seed {cfg['seed']}, trained on all 50,000 training images for the fixed number of epochs: "
+             "no validation split and no selection. The test set was used once, after training.", "",
+             f"**Test set** (fp32, `Loaded_model`): **{single:.2f}%** single view, **{views:.2f}%** with its "
+             f"test-time views ({views_name}), which `Loaded_model` uses unless given `tta=\"none\"`. Over the "
+             f"{len(runs)} run{'s' * (len(runs) != 1)} of the protocol so far (README, speed run): "
+             + ", ".join(f"{r['test_acc_tta']:.2%}" for r in runs) + ".", "",
+             f"**Training time and hardware.** {sum(hist['seconds']) / 60:.1f} min of training passes "
+             f"({len(hist['seconds'])} epochs, median {np.median(hist['seconds']):.0f} s) on {meta['hardware']}.", "",
+             "**Reproduce and re-measure.**", "", "```",
+             "python bench/speedrun.py --runs 1 --save checkpoints/my_speedrun.pth",
+             f"python bench/release_table.py {path}", "```", ""]
+    return "\n".join(lines)
 
 
 def hardware_runs(meta, sep="; "):
@@ -123,14 +179,15 @@ def card_section(path, measured):
 
 
 def card(measured):
-    """The whole model card, checkpoints/README.md."""
+    """The whole model card, checkpoints/README.md; `measured` may hold the speed run's release too."""
     head = ["# Model card: the release files", "",
             "Generated by `python bench/release_table.py --card checkpoints/README.md` from the release files' own "
             "metadata and per-epoch history; the test figures are measured by the same command. "
             "Do not edit by hand: `tests/test_release.py` regenerates it and fails when it differs.", "",
-            "Both releases classify 32 × 32 CIFAR-10 images into ten classes. Load one with "
+            "The releases classify 32 × 32 CIFAR-10 images into ten classes. Load one with "
             "`utils.Loaded_model(path).predict(x)` or `torch.hub.load(..., pretrained=True)` (see the project README).", ""]
-    body = [card_section(path, measured[path]) for path in sorted(measured)]
+    body = [card_section(path, measured[path]) for path in sorted(measured) if path != SPEEDRUN]
+    body += [speedrun_card_section(SPEEDRUN, measured[SPEEDRUN])] if SPEEDRUN in measured else []
     return "\n".join(head + body + ["## Superseded runs", "", SUPERSEDED, "", LIMITS, ""])
 
 
@@ -138,9 +195,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="*", default=RELEASES, help="release files (relative to the project)")
     p.add_argument("--card", help="write the model card of the files here instead of printing rows")
+    p.add_argument("--speedrun", action="store_true", help=f"print the README's speed-run table from {SPEEDRUN_RUNS}")
     p.add_argument("--data", help="CIFAR-10 folder (else CIFAR10_DIR, data/)")
     args = p.parse_args()
+    if args.speedrun:
+        print("\n".join(speedrun_rows(json.loads((ROOT / SPEEDRUN_RUNS).read_text()))))
+        return
     _, _, x_test, y_test = utils.load_cifar10(args.data)
+    if args.card and (ROOT / SPEEDRUN).is_file() and args.paths == RELEASES:
+        args.paths = [*RELEASES, SPEEDRUN]
     measured = {path: scores(ROOT / path, x_test, y_test) for path in args.paths}
     if args.card:
         tmp = Path(args.card).with_name(f".{Path(args.card).name}.tmp")
@@ -152,6 +215,9 @@ def main():
           "selected epoch |")
     print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
     for path in args.paths:
+        if path == SPEEDRUN:
+            print(f"{path}: {measured[path][0]:.2f}% single view, {measured[path][1]:.2f}% with its test-time views")
+            continue
         print(row(path, measured[path]))
 
 

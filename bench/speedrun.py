@@ -1,0 +1,142 @@
+"""The speed run's final protocol: train on all 50,000 training images with the fixed recipe, score the test set.
+
+Per run (seed 0, then 1, 2, ...): the test accuracy single view and with the recipe's test-time views, the wall seconds from
+loading the arrays to the final test accuracy, and those seconds scaled to a machine whose matmul peak in the run's
+precision is 800 GFLOP/s (seconds x measured peak / 800). The peaks are measured in the same process, before the runs.
+Run it on an otherwise idle machine, one run at a time.
+
+    python bench/speedrun.py --runs 5 [--epochs E] [--device cpu] [--json FILE] [--save checkpoints/speedrun.pth]
+
+With --json, each finished run is written at once; an existing file whose recipe matches is continued (its runs are
+kept and the next seed values run), so a long protocol can span sessions and machines (each run keeps its own peak).
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import utils  # noqa: E402
+
+REFERENCE_GFLOPS = 800  # the budget's machine: 2 cores of an AMD EPYC family 26, bf16
+
+
+def matmul_gflops(dtype, n=2048, reps=10, device="cpu"):
+    """Measured GFLOP/s of a large matrix product in dtype, best of three timings."""
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 * reps / best / 1e9
+
+
+def measured_peaks(device="cpu"):
+    """{'bf16': GFLOP/s, 'fp32': GFLOP/s} (and 'fp16' on CUDA) of this device, measured now."""
+    peaks = {"bf16": matmul_gflops(torch.bfloat16, device=device), "fp32": matmul_gflops(torch.float32, device=device)}
+    if torch.device(device).type == "cuda":
+        peaks["fp16"] = matmul_gflops(torch.float16, device=device)
+    return peaks
+
+
+def write_json(obj, path):
+    """Write JSON through a temporary file and a rename: a killed write leaves the old file whole."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def summarize(results):
+    """Mean and standard deviation of the reported accuracy over the runs, into `results`."""
+    key = results["reported"]
+    accs = [r[key] for r in results["runs"]]
+    results["mean_acc"] = statistics.mean(accs)
+    results["std_acc"] = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    return results
+
+
+def one_run(cfg, device, peaks, data_dir, save=None):
+    """Train and score one seed; every second from loading the arrays to the test accuracy counts."""
+    start = time.perf_counter()
+    x, y, x_test, y_test = utils.load_cifar10(data_dir)
+    result = utils.speedrun(cfg, x, y, device=device)
+    x_test_n = utils.Preprocess(std=utils.TRUE_STD)(utils.images_to_tensor(x_test))
+    y_test_t = torch.as_tensor(y_test)
+    single = utils.tta_accuracy(result["model"], x_test_n, y_test_t, "none", device, result["precision"])
+    views = utils.tta_accuracy(result["model"], x_test_n, y_test_t, cfg.tta, device, result["precision"])
+    seconds = time.perf_counter() - start
+    peak = peaks[result["precision"]]
+    run = dict(seed=cfg.seed, test_acc=single, test_acc_tta=views, seconds=seconds,
+               seconds_at_800=seconds * peak / REFERENCE_GFLOPS, precision=result["precision"], peak_gflops=peak,
+               hardware=result["hardware"], epoch_seconds=result["history"]["seconds"])
+    if save:
+        utils.save_checkpoint(utils.speedrun_checkpoint(cfg, result, test_acc=single, test_acc_tta=views,
+                                                        seconds=seconds), save)
+    return run
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=5, help="number of runs, with seed 0 to N-1 (default 5)")
+    p.add_argument("--epochs", type=float, default=utils.SpeedRunConfig.epochs)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--json", type=Path, help="write (and continue) the results here")
+    p.add_argument("--save", type=Path, help="write seed 0's model here as a release file")
+    p.add_argument("--data", help="CIFAR-10 folder (else CIFAR10_DIR, data/)")
+    args = p.parse_args()
+    if args.runs < 1 or args.epochs <= 0:
+        p.error(f"--runs must be at least 1 and --epochs above 0; got {args.runs} and {args.epochs}")
+    if utils.find_cifar10(args.data) is None:
+        p.error("no CIFAR-10 found: give --data FOLDER or set CIFAR10_DIR (the folder of x_train.npy ...)")
+    if args.save and args.save.exists():
+        p.error(f"{args.save} exists; move it away or choose another --save path (nothing is overwritten)")
+    device = utils.get_device(args.device)
+    recipe = asdict(utils.SpeedRunConfig(epochs=args.epochs))
+    results = {"recipe": recipe, "runs": []}
+    if args.json and args.json.exists():
+        results = json.loads(args.json.read_text())
+        if results.get("recipe") != recipe:
+            p.error(f"{args.json} holds runs of another recipe; choose another --json file (nothing is overwritten)")
+    peaks = measured_peaks(device)
+    precision = utils.resolve_precision(device, "auto")
+    results |= {"peak_bf16_gflops": peaks["bf16"], "peak_fp32_gflops": peaks["fp32"]}
+    results["reported"] = "test_acc_tta" if recipe["tta"] != "none" else "test_acc"
+    print(f"measured matmul peak: {peaks['bf16']:.0f} GFLOP/s bf16, {peaks['fp32']:.0f} GFLOP/s fp32; "
+          f"training in {precision}; seconds at 800 = seconds x {peaks[precision]:.0f} / {REFERENCE_GFLOPS}", flush=True)
+    done = {r["seed"] for r in results["runs"]}
+    for seed in range(args.runs):
+        if seed in done:
+            continue
+        cfg = utils.SpeedRunConfig(**{**recipe, "seed": seed})
+        run = one_run(cfg, device, peaks, args.data, args.save if seed == 0 else None)
+        print(f"seed {seed}: test {run['test_acc']:.4f}, with {cfg.tta} views {run['test_acc_tta']:.4f} | "
+              f"{run['seconds']:.0f} s wall, {run['seconds_at_800']:.0f} s at {REFERENCE_GFLOPS} GFLOP/s", flush=True)
+        results["runs"].append(run)
+        results["runs"].sort(key=lambda r: r["seed"])
+        if args.json:
+            write_json(summarize(results), args.json)
+    summarize(results)
+    print(f"\n| seed | test acc | test acc ({recipe['tta']}) | wall s | s at {REFERENCE_GFLOPS} GFLOP/s |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for r in results["runs"]:
+        print(f"| {r['seed']} | {r['test_acc']:.2%} | {r['test_acc_tta']:.2%} | {r['seconds']:.0f} | "
+              f"{r['seconds_at_800']:.0f} |")
+    print(f"\nmean {results['mean_acc']:.2%} +- {results['std_acc']:.2%} ({results['reported']}) over "
+          f"{len(results['runs'])} runs; slowest run {max(r['seconds_at_800'] for r in results['runs']) / 60:.1f} min "
+          f"at {REFERENCE_GFLOPS} GFLOP/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The speed run's ablation on the validation split: the full recipe, then each trick switched off in turn.
+
+Trains on 45,000 training images and scores the held-out 5,000 (never the test set), one run per row, seed 0. Each
+finished row is written to the JSON file at once, so a stopped ablation continues where it was (rows whose recipe
+and data match are kept; nothing else in the file is overwritten).
+
+    python bench/speedrun_ablation.py [--tricks full whitening lookahead ...] [--epochs 10] [--json FILE]
+"""
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import utils  # noqa: E402
+from speedrun import measured_peaks, write_json  # noqa: E402
+
+DEFAULT_JSON = Path(__file__).resolve().parents[1] / "checkpoints" / "speedrun_ablation.json"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # tta changes no training: its row is the full recipe's single-view accuracy
+    p.add_argument("--tricks", nargs="+", default=["full", *(t for t in utils.SPEEDRUN_TRICKS if t != "tta")],
+                   help=f"'full' and any of: {', '.join(utils.SPEEDRUN_TRICKS)}")
+    p.add_argument("--epochs", type=float, default=utils.SpeedRunConfig.epochs)
+    p.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})")
+    p.add_argument("--data", help="CIFAR-10 folder (else CIFAR10_DIR, data/)")
+    p.add_argument("--limit", type=int, help="train on only this many images (a smoke test)")
+    args = p.parse_args()
+    unknown = sorted(set(args.tricks) - {"full", *utils.SPEEDRUN_TRICKS})
+    if unknown:
+        p.error(f"unknown tricks {unknown}; choose from full, {', '.join(utils.SPEEDRUN_TRICKS)}")
+    x, y, _, _ = utils.load_cifar10(args.data)
+    x_tr, y_tr, x_val, y_val = utils.train_val_split(x, y)
+    x_tr, y_tr = x_tr[:args.limit], y_tr[:args.limit]
+    results = json.loads(args.json.read_text()) if args.json.exists() else {"rows": []}
+    peaks = measured_peaks()
+    print(f"measured matmul peak: {peaks['bf16']:.0f} GFLOP/s bf16, {peaks['fp32']:.0f} GFLOP/s fp32", flush=True)
+    full = utils.SpeedRunConfig(epochs=args.epochs)
+    for trick in args.tricks:
+        cfg = full if trick == "full" else utils.without_trick(full, trick)
+        done = [r for r in results["rows"] if r["config"] == asdict(cfg) and r["train_images"] == len(y_tr)]
+        if done:
+            print(f"{trick}: kept from {args.json.name}: val {done[0]['val_acc']:.4f}", flush=True)
+            continue
+        print(f"--- {trick} {'(the full recipe)' if trick == 'full' else 'off'}", flush=True)
+        start = time.perf_counter()
+        result = utils.speedrun(cfg, x_tr, y_tr, x_val, y_val)
+        seconds = time.perf_counter() - start
+        x_val_n = utils.Preprocess(std=utils.TRUE_STD)(utils.images_to_tensor(x_val))
+        y_val_t = utils.torch.as_tensor(y_val)
+        row = dict(trick=trick, config=asdict(cfg), train_images=len(y_tr),
+                   val_acc=utils.tta_accuracy(result["model"], x_val_n, y_val_t, "none", precision=result["precision"]),
+                   val_acc_tta=utils.tta_accuracy(result["model"], x_val_n, y_val_t, cfg.tta,
+                                                  precision=result["precision"]),
+                   seconds=seconds, precision=result["precision"], hardware=result["hardware"],
+                   peak_gflops=peaks[result["precision"]], history=result["history"])
+        print(f"{trick}: val {row['val_acc']:.4f}, with its test-time views {row['val_acc_tta']:.4f}, "
+              f"{seconds:.0f} s", flush=True)
+        stale = [r for r in results["rows"] if r["trick"] == trick and r["train_images"] == len(y_tr)]
+        if stale:
+            print(f"{trick}: replaces the row measured with an older recipe in {args.json.name}", flush=True)
+        results["rows"] = [r for r in results["rows"] if r not in stale]
+        results["rows"].append(row)
+        write_json(results, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""The speed run: its network, each trick's switch, its bench's results file and its release file."""
+import json
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import utils
+from conftest import make_fake_arrays, write_npy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def group_parameters(cin, cout):
+    """Two 3x3 convolutions without bias and two batch norms (scale and bias each)."""
+    return cin * cout * 9 + 2 * cout + cout * cout * 9 + 2 * cout
+
+
+def test_parameter_count_and_macs():
+    net = utils.build_model("speedrun")
+    whiten = 24 * 3 * 2 * 2 + 24
+    expected = whiten + group_parameters(24, 64) + group_parameters(64, 256) + group_parameters(256, 256) + 256 * 10
+    assert utils.count_parameters(net) == expected == 1_972_792
+    convs = 24 * 12 * 31 * 31 + 64 * 24 * 9 * 31 * 31 + 64 * 64 * 9 * 15 * 15 + 256 * 64 * 9 * 15 * 15 \
+        + 256 * 256 * 9 * 7 * 7 * 2 + 256 * 256 * 9 * 3 * 3 + 256 * 10
+    assert abs(utils.count_macs(net) - convs) / convs < 0.01  # the rest: pooling, GELU, batch norm
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_residual_switch_keeps_the_weights_names():
+    with_shortcut, plain = utils.build_model("speedrun"), utils.build_model("speedrun", residual=False)
+    assert with_shortcut.state_dict().keys() == plain.state_dict().keys()
+    plain.load_state_dict(with_shortcut.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(with_shortcut.eval()(x), plain.eval()(x))
+    with pytest.raises(TypeError, match="residual"):
+        utils.build_model("speedrun", shortcut="B")
+
+
+@pytest.fixture(scope="module")
+def images():
+    return utils.Preprocess(std=utils.TRUE_STD)(utils.images_to_tensor(make_fake_arrays(400)[0]))
+
+
+def test_whitening_filters_decorrelate_the_data_patches(images):
+    filters = utils.whitening_filters(images)
+    assert filters.shape == (24, 3, 2, 2) and torch.equal(filters[12:], -filters[:12])
+    out = F.conv2d(images, filters[:12]).permute(0, 2, 3, 1).reshape(-1, 12).double()
+    cov = out.T @ out / len(out)
+    assert (cov - torch.diag(cov.diag())).abs().max() < 1e-4  # uncorrelated outputs
+    assert cov.diag().max() <= 1 and cov.diag()[0] > 0.99  # unit variance where eigenvalues dwarf eps
+    assert not torch.allclose(filters, utils.whitening_filters(images.flip(1)))  # they come from the data
+
+
+@pytest.fixture(scope="module")
+def tiny_runs():
+    """One short run per switch of interest, on 512 random images, seed 0."""
+    x, y, _, _ = make_fake_arrays(512)
+    base = utils.SpeedRunConfig(epochs=2, batch_size=128, whiten_bias_epochs=1)
+    runs = {}
+    for name, cfg in {"full": base, "whitening": utils.without_trick(base, "whitening"),
+                      "frozen_bn_weights": utils.without_trick(base, "frozen_bn_weights"),
+                      "lookahead": utils.without_trick(base, "lookahead")}.items():
+        runs[name] = (cfg, utils.speedrun(cfg, x, y, log=None))
+    return x, runs
+
+
+def test_whitening_layer_is_initialised_from_the_data_and_frozen(tiny_runs):
+    x, runs = tiny_runs
+    normalized = utils.Preprocess(std=utils.TRUE_STD)(utils.images_to_tensor(x))
+    assert torch.allclose(runs["full"][1]["model"].whiten.weight, utils.whitening_filters(normalized))
+    assert not torch.allclose(runs["whitening"][1]["model"].whiten.weight, utils.whitening_filters(normalized))
+
+
+def test_batch_norm_scales_stay_one_only_when_frozen(tiny_runs):
+    _, runs = tiny_runs
+    scales = lambda net: torch.cat([m.weight.detach() for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)])
+    assert torch.equal(scales(runs["full"][1]["model"]), torch.ones_like(scales(runs["full"][1]["model"])))
+    assert not torch.allclose(scales(runs["frozen_bn_weights"][1]["model"]), torch.tensor(1.0))
+
+
+def test_lookahead_resets_the_weights_to_their_average():
+    net = torch.nn.Linear(3, 2)
+    lookahead = utils.Lookahead(net)
+    start = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    lookahead.update(net, decay=0.75)
+    assert torch.allclose(net.weight, start + 0.25)  # not the raw weights (start + 1)
+    assert torch.allclose(lookahead.average["weight"], net.weight)
+
+
+def test_lookahead_switch_changes_the_trained_weights(tiny_runs):
+    _, runs = tiny_runs  # same seed, data and order: only the averaging differs
+    assert not torch.allclose(runs["full"][1]["model"].linear.weight, runs["lookahead"][1]["model"].linear.weight)
+
+
+def test_alternating_flip_mirrors_each_image_every_other_epoch():
+    cfg, first = utils.SpeedRunConfig(), torch.rand(1000) < 0.5
+    e0, e1, e2 = (utils.speedrun_flips(1000, e, cfg, first) for e in range(3))
+    assert torch.equal(e1, ~e0) and torch.equal(e2, e0)
+    random_cfg = utils.without_trick(cfg, "alternating_flip")
+    r0, r1 = (utils.speedrun_flips(1000, e, random_cfg, first) for e in range(2))
+    assert 0.4 < (r0 == r1).float().mean() < 0.6  # independent draws agree about half the time
+
+
+def test_translate_shifts_with_reflected_borders():
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).view(2, 3, 32, 32)
+    draws = torch.tensor([[0, 4], [4, 1], [0, 1]])  # (row offset, column offset, flip) per image, pad 2
+    out = utils.augment_batch(x, pad=2, draws=draws, padding="reflect")
+    padded = F.pad(x, (2, 2, 2, 2), mode="reflect")
+    assert torch.equal(out[0], padded[0, :, 0:32, 4:36])
+    assert torch.equal(out[1], padded[1, :, 4:36, 1:33].flip(2))
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    cfg = utils.SpeedRunConfig(warmup=0.2)
+    factors = [utils.speedrun_lr_factor(cfg, s, 100) for s in range(101)]
+    assert factors[0] == pytest.approx(0.2) and factors[20] == pytest.approx(1) and factors[100] == 0
+    assert max(factors) == factors[20]
+    assert utils.speedrun_lr_factor(utils.without_trick(cfg, "warmup"), 0, 100) == 1
+
+
+def test_tricks_switch_off_one_at_a_time():
+    cfg = utils.SpeedRunConfig()
+    for trick in utils.SPEEDRUN_TRICKS:
+        changed = {k for k, v in asdict(utils.without_trick(cfg, trick)).items() if v != asdict(cfg)[k]}
+        assert changed == {trick}
+    with pytest.raises(ValueError, match="unknown trick"):
+        utils.without_trick(cfg, "mixup")
+    with pytest.raises(ValueError, match="tta must be one of"):
+        utils.SpeedRunConfig(tta="five_crop")
+
+
+def test_test_time_views_average_mirrors_and_shifts():
+    torch.manual_seed(0)
+    net = utils.build_model("speedrun").eval()
+    x = torch.randn(4, 3, 32, 32)
+    p = lambda v: net(v).softmax(1)
+    assert torch.allclose(utils.tta_probabilities(net, x, "flip"), (p(x) + p(x.flip(3))) / 2, atol=1e-6)
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = [padded[:, :, :-2, :-2], padded[:, :, 2:, 2:]]
+    expected = (p(x) + p(x.flip(3))) / 4 + sum(p(v) + p(v.flip(3)) for v in shifted) / 8
+    assert torch.allclose(utils.tta_probabilities(net, x, "flip_translate"), expected, atol=1e-6)
+
+
+def test_release_payload_loads_with_loaded_model_and_keeps_its_views(tiny_runs, tmp_path):
+    cfg, result = tiny_runs[1]["full"]
+    path = utils.save_checkpoint(utils.speedrun_checkpoint(cfg, result), tmp_path / "speedrun.pth")
+    loaded = utils.Loaded_model(path, precision="fp32")
+    assert loaded.arch == "speedrun" and loaded.tta == "flip_translate"
+    x = make_fake_arrays(8)[0]
+    normalized = utils.Preprocess(std=utils.TRUE_STD)(utils.images_to_tensor(x))
+    expected = utils.tta_probabilities(result["model"].float().eval(), normalized, "flip_translate")
+    np.testing.assert_allclose(loaded.predict_proba(x), expected.numpy(), atol=1e-5)
+    assert not np.allclose(loaded.predict_proba(x, tta="none"), expected.numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="tta must be one of"):
+        utils.Loaded_model(path, tta="sideways")
+
+
+def run_bench(tmp_path, *args):
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "speedrun.py"), "--data", str(tmp_path / "data"),
+                           "--epochs", "1", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_bench_writes_and_continues_its_results_file(tmp_path):
+    write_npy(tmp_path / "data", make_fake_arrays(1100, 200))
+    out = tmp_path / "runs.json"
+    first = run_bench(tmp_path, "--runs", "1", "--json", str(out))
+    assert first.returncode == 0, first.stderr
+    results = json.loads(out.read_text())
+    assert {"peak_bf16_gflops", "runs", "mean_acc", "std_acc", "reported"} <= set(results)
+    assert results["reported"] == "test_acc_tta"
+    run = results["runs"][0]
+    assert run["seed"] == 0 and 0 <= run["test_acc"] <= 1 and 0 <= run["test_acc_tta"] <= 1
+    assert run["seconds_at_800"] == pytest.approx(run["seconds"] * run["peak_gflops"] / 800)
+    second = run_bench(tmp_path, "--runs", "2", "--json", str(out))
+    assert second.returncode == 0, second.stderr
+    assert "seed 0:" not in second.stdout and "seed 1:" in second.stdout  # seed 0 kept, not rerun
+    results = json.loads(out.read_text())
+    assert [r["seed"] for r in results["runs"]] == [0, 1] and results["runs"][0] == run
+    assert results["mean_acc"] == pytest.approx(np.mean([r["test_acc_tta"] for r in results["runs"]]))
+    other = run_bench(tmp_path, "--runs", "1", "--json", str(out), "--epochs", "2")
+    assert other.returncode != 0 and "another recipe" in other.stderr
+    assert json.loads(out.read_text()) == results  # untouched
+
+
+def test_bench_refuses_bad_arguments_before_any_work(tmp_path):
+    write_npy(tmp_path / "data", make_fake_arrays(100, 20))
+    existing = tmp_path / "speedrun.pth"
+    existing.write_bytes(b"keep me")
+    refused = run_bench(tmp_path, "--save", str(existing))
+    assert refused.returncode == 2 and "exists" in refused.stderr and existing.read_bytes() == b"keep me"
+    assert run_bench(tmp_path, "--runs", "0").returncode == 2
+
+
+def test_release_scores_the_readme_figures(real_cifar10):
+    from test_release import readme_speedrun_figures
+    _, _, x_test, y_test = real_cifar10
+    single, views = readme_speedrun_figures()
+    model = utils.Loaded_model(ROOT / "checkpoints" / "speedrun.pth", precision="fp32")
+    assert model.arch == "speedrun" and model.tta == "flip_translate"  # the recipe's views by default
+    assert abs(model.score(x_test, y_test) * 100 - views) <= 0.05
+    assert abs(model.score(x_test, y_test, tta="none") * 100 - single) <= 0.05
