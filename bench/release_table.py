@@ -44,8 +44,8 @@ LIMITS = """## Known limits
   No claim is made about robustness to corruptions, other datasets or adversarial inputs.
 * Calibration is whatever notebook 04 measures (reliability diagram and expected calibration error); the ResNet20
   release trained with label smoothing, the ResNet18 release without, so their confidences are not comparable.
-* Each release is one training run (seed 0); run-to-run spread of a few tenths of a point is normal for these
-  recipes and was not measured.
+* Each staged release is one training run (seed 0); run-to-run spread of a few tenths of a point is normal for
+  these recipes and was not measured for them. The speed run's spread over its runs is in the README's table.
 * Training time depends on the machine; each epoch's seconds and hardware are in the file's history."""
 
 
@@ -95,9 +95,9 @@ def speedrun_card_section(path, measured):
              f"**Protocol.** Seed {cfg['seed']}, trained on all 50,000 training images for the fixed number of epochs: "
              "no validation split and no selection. The test set was used once, after training.", "",
              f"**Test set** (fp32, `Loaded_model`): **{single:.2f}%** single view, **{views:.2f}%** with its "
-             f"test-time views ({views_name}), which `Loaded_model` uses unless given `tta=\"none\"`. Over the "
-             f"{len(runs)} run{'s' * (len(runs) != 1)} of the protocol so far (README, speed run): "
-             + ", ".join(f"{r['test_acc_tta']:.2%}" for r in runs) + ".", "",
+             f"test-time views ({views_name}), which `Loaded_model` uses unless given `tta=\"none\"`. Every run of "
+             f"the protocol so far, with the views (README, speed run): "
+             + ", ".join(f"seed {r['seed']} {r['test_acc_tta']:.2%}" for r in runs) + ".", "",
              f"**Training time and hardware.** {sum(hist['seconds']) / 60:.1f} min of training passes "
              f"({len(hist['seconds'])} epochs, median {np.median(hist['seconds']):.0f} s) on {meta['hardware']}.", "",
              "**Reproduce and re-measure.**", "", "```",

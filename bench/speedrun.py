@@ -71,7 +71,7 @@ def one_run(cfg, device, peaks, data_dir, save=None):
     """Train and score one seed; every second from loading the arrays to the test accuracy counts."""
     start = time.perf_counter()
     x, y, x_test, y_test = utils.load_cifar10(data_dir)
-    result = utils.speedrun(cfg, x, y, device=device)
+    result = utils.speedrun(cfg, x, y, device=device, log=lambda line: print(line, flush=True))
     x_test_n = utils.Preprocess(std=utils.TRUE_STD)(utils.images_to_tensor(x_test))
     y_test_t = torch.as_tensor(y_test)
     single = utils.tta_accuracy(result["model"], x_test_n, y_test_t, "none", device, result["precision"])
@@ -100,8 +100,6 @@ def main():
         p.error(f"--runs must be at least 1 and --epochs above 0; got {args.runs} and {args.epochs}")
     if utils.find_cifar10(args.data) is None:
         p.error("no CIFAR-10 found: give --data FOLDER or set CIFAR10_DIR (the folder of x_train.npy ...)")
-    if args.save and args.save.exists():
-        p.error(f"{args.save} exists; move it away or choose another --save path (nothing is overwritten)")
     device = utils.get_device(args.device)
     recipe = asdict(utils.SpeedRunConfig(epochs=args.epochs))
     results = {"recipe": recipe, "runs": []}
@@ -109,6 +107,9 @@ def main():
         results = json.loads(args.json.read_text())
         if results.get("recipe") != recipe:
             p.error(f"{args.json} holds runs of another recipe; choose another --json file (nothing is overwritten)")
+    seed_0_runs = 0 not in {r["seed"] for r in results["runs"]}  # --save applies to seed 0's run only
+    if args.save and seed_0_runs and args.save.exists():
+        p.error(f"{args.save} exists; move it away or choose another --save path (nothing is overwritten)")
     peaks = measured_peaks(device)
     precision = utils.resolve_precision(device, "auto")
     results |= {"peak_bf16_gflops": peaks["bf16"], "peak_fp32_gflops": peaks["fp32"]}

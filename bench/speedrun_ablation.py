@@ -48,7 +48,7 @@ def main():
             continue
         print(f"--- {trick} {'(the full recipe)' if trick == 'full' else 'off'}", flush=True)
         start = time.perf_counter()
-        result = utils.speedrun(cfg, x_tr, y_tr, x_val, y_val)
+        result = utils.speedrun(cfg, x_tr, y_tr, x_val, y_val, log=lambda line: print(line, flush=True))
         seconds = time.perf_counter() - start
         x_val_n = utils.Preprocess(std=utils.TRUE_STD)(utils.images_to_tensor(x_val))
         y_val_t = utils.torch.as_tensor(y_val)

@@ -1,5 +1,6 @@
 """The release checkpoints named in README.md, on the real test set: the README's figures hold, the fast
 path agrees with fp32, and each file's history shows its stages and validation-based selection."""
+import json
 import os
 import re
 import sys
@@ -27,6 +28,15 @@ def readme_results():
 
 RESULTS = readme_results()
 TEST_ACC, TTA_ACC = 3, 4  # columns of the results table (0-based)
+
+
+def readme_speedrun_figures():
+    """(single view, with test-time views) in percent of the speed run's release, from its row in README.md."""
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith("| seed 0 (") and release_table.SPEEDRUN in line:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            return float(cells[1].rstrip("%")), float(cells[2].rstrip("%"))
+    raise AssertionError(f"README.md has no speed-run row for {release_table.SPEEDRUN}")
 
 
 def test_readme_lists_release_files():
@@ -62,10 +72,14 @@ def test_readme_rows_and_model_card_are_what_the_release_files_give():
     """The rows and the card regenerated from the files and the README's test figures (checked above) are the
     committed ones: a release file that changes without its card (or its row) fails here."""
     figures = {path: tuple(float(RESULTS[path][i].rstrip("%")) for i in (TEST_ACC, TTA_ACC)) for path in RESULTS}
+    figures[release_table.SPEEDRUN] = readme_speedrun_figures()
     assert sorted(RESULTS) == sorted(release_table.RELEASES)
     readme = (ROOT / "README.md").read_text().splitlines()
     for path in RESULTS:
         assert release_table.row(path, figures[path]) in readme, path
+    runs = json.loads((ROOT / release_table.SPEEDRUN_RUNS).read_text())
+    for line in release_table.speedrun_rows(runs):  # the speed-run table is the results file's
+        assert line in readme, line
     committed = (ROOT / "checkpoints" / "README.md").read_text()
     assert release_table.card(figures) == committed, \
         "the model card differs from the release files: python bench/release_table.py --card checkpoints/README.md"

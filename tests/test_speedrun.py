@@ -179,8 +179,11 @@ def test_bench_writes_and_continues_its_results_file(tmp_path):
     run = results["runs"][0]
     assert run["seed"] == 0 and 0 <= run["test_acc"] <= 1 and 0 <= run["test_acc_tta"] <= 1
     assert run["seconds_at_800"] == pytest.approx(run["seconds"] * run["peak_gflops"] / 800)
-    second = run_bench(tmp_path, "--runs", "2", "--json", str(out))
+    saved = tmp_path / "seed0.pth"
+    saved.write_bytes(b"seed 0's model")  # seed 0 does not run again, so its --save file is not touched
+    second = run_bench(tmp_path, "--runs", "2", "--json", str(out), "--save", str(saved))
     assert second.returncode == 0, second.stderr
+    assert saved.read_bytes() == b"seed 0's model"
     assert "seed 0:" not in second.stdout and "seed 1:" in second.stdout  # seed 0 kept, not rerun
     results = json.loads(out.read_text())
     assert [r["seed"] for r in results["runs"]] == [0, 1] and results["runs"][0] == run
