@@ -1456,6 +1456,13 @@ def tta_accuracy(net, x, y, tta="none", device="cpu", precision="fp32", batch_si
     return correct / len(x)
 
 
+def speedrun_scores(result, x, y, tta, device="cpu"):
+    """(single-view accuracy, accuracy with the views `tta`) of a finished speed run on uint8 images x."""
+    x_norm = Preprocess(std=TRUE_STD)(images_to_tensor(x))
+    y = torch.as_tensor(np.asarray(y), dtype=torch.long)
+    return tuple(tta_accuracy(result["model"], x_norm, y, views, device, result["precision"]) for views in ("none", tta))
+
+
 def speedrun(cfg, x_train, y_train, x_eval=None, y_eval=None, device=None, log=print):
     """Train the speed run's network on uint8 images; returns dict(model, history, precision, hardware).
 

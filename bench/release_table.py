@@ -95,9 +95,10 @@ def speedrun_card_section(path, measured):
              f"**Protocol.** Seed {cfg['seed']}, trained on all 50,000 training images for the fixed number of epochs: "
              "no validation split and no selection. The test set was used once, after training.", "",
              f"**Test set** (fp32, `Loaded_model`): **{single:.2f}%** single view, **{views:.2f}%** with its "
-             f"test-time views ({views_name}), which `Loaded_model` uses unless given `tta=\"none\"`. Every run of "
-             f"the protocol so far, with the views (README, speed run): "
-             + ", ".join(f"seed {r['seed']} {r['test_acc_tta']:.2%}" for r in runs) + ".", "",
+             f"test-time views ({views_name}), which `Loaded_model` uses unless given `tta=\"none\"`. The protocol's "
+             f"{len(runs)} runs with the views (README, speed run): "
+             + ", ".join(f"seed {r['seed']} {r['test_acc_tta']:.2%}" for r in runs)
+             + f"; mean {np.mean([r['test_acc_tta'] for r in runs]):.2%}.", "",
              f"**Training time and hardware.** {sum(hist['seconds']) / 60:.1f} min of training passes "
              f"({len(hist['seconds'])} epochs, median {np.median(hist['seconds']):.0f} s) on {meta['hardware']}.", "",
              "**Reproduce and re-measure.**", "", "```",

@@ -27,9 +27,12 @@ import utils  # noqa: E402
 REFERENCE_GFLOPS = 800  # the budget's machine: 2 cores of an AMD EPYC family 26, bf16
 
 
-def matmul_gflops(dtype, n=2048, reps=10, device="cpu"):
-    """Measured GFLOP/s of a large matrix product in dtype, best of three timings."""
-    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def matmul_gflops(precision, device="cpu", n=2048, reps=10):
+    """Measured GFLOP/s of a large matrix product in 'bf16', 'fp16' or 'fp32', best of three timings."""
+    a, b = (torch.randn(n, n, dtype=DTYPES[precision], device=device) for _ in range(2))
     a @ b
     best = float("inf")
     for _ in range(3):
@@ -44,10 +47,8 @@ def matmul_gflops(dtype, n=2048, reps=10, device="cpu"):
 
 def measured_peaks(device="cpu"):
     """{'bf16': GFLOP/s, 'fp32': GFLOP/s} (and 'fp16' on CUDA) of this device, measured now."""
-    peaks = {"bf16": matmul_gflops(torch.bfloat16, device=device), "fp32": matmul_gflops(torch.float32, device=device)}
-    if torch.device(device).type == "cuda":
-        peaks["fp16"] = matmul_gflops(torch.float16, device=device)
-    return peaks
+    kinds = ("bf16", "fp32", "fp16") if torch.device(device).type == "cuda" else ("bf16", "fp32")
+    return {kind: matmul_gflops(kind, device) for kind in kinds}
 
 
 def write_json(obj, path):
@@ -72,10 +73,7 @@ def one_run(cfg, device, peaks, data_dir, save=None):
     start = time.perf_counter()
     x, y, x_test, y_test = utils.load_cifar10(data_dir)
     result = utils.speedrun(cfg, x, y, device=device, log=lambda line: print(line, flush=True))
-    x_test_n = utils.Preprocess(std=utils.TRUE_STD)(utils.images_to_tensor(x_test))
-    y_test_t = torch.as_tensor(y_test)
-    single = utils.tta_accuracy(result["model"], x_test_n, y_test_t, "none", device, result["precision"])
-    views = utils.tta_accuracy(result["model"], x_test_n, y_test_t, cfg.tta, device, result["precision"])
+    single, views = utils.speedrun_scores(result, x_test, y_test, cfg.tta, device)
     seconds = time.perf_counter() - start
     peak = peaks[result["precision"]]
     run = dict(seed=cfg.seed, test_acc=single, test_acc_tta=views, seconds=seconds,

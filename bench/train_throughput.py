@@ -20,6 +20,7 @@ import torchvision.transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
+from speedrun import matmul_gflops  # noqa: E402
 
 
 class PilPipelineDataset(torch.utils.data.Dataset):
@@ -71,20 +72,6 @@ def fresh_model(arch, device, channels_last):
     return model
 
 
-def matmul_peak(device, precision, n=2048, reps=10):
-    """Measured FLOP/s of a large matrix product in the given precision."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    a @ b
-    start = time.perf_counter()
-    for _ in range(reps):
-        c = a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    del c
-    return 2 * n ** 3 * reps / (time.perf_counter() - start)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", nargs="+", default=["resnet20", "resnet18"])
@@ -94,10 +81,10 @@ def main():
     device = utils.get_device()
     precision = utils.resolve_precision(device)
     x, y, _, _ = utils.load_cifar10(args.data)
-    peak, fp32_peak = matmul_peak(device, precision), matmul_peak(device, "fp32")
+    peak, fp32_peak = matmul_gflops(precision, device), matmul_gflops("fp32", device)
     print(f"device {device}, engine precision {precision}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; measured matmul peak {peak / 1e9:.0f} GFLOP/s ({precision}), "
-          f"{fp32_peak / 1e9:.0f} GFLOP/s (fp32)")
+          f"{torch.get_num_threads()} threads; measured matmul peak {peak:.0f} GFLOP/s ({precision}), "
+          f"{fp32_peak:.0f} GFLOP/s (fp32)")
     rows = []
     for arch in args.archs:
         steps = args.steps if arch != "resnet18" else max(4, args.steps // 3)
@@ -109,7 +96,7 @@ def main():
         batches = utils.BatchLoader(x[:n], y[:n], 128, augment=True, shuffle=True, device=device)
         fast = timed_steps(fresh_model(arch, device, True), batches, sgd_step(device, precision), warmup)
         train_flops = 3 * 2 * utils.count_macs(utils.build_model(arch))  # forward + backward (2x forward)
-        rows.append((arch, base, fast, fast * train_flops / peak))
+        rows.append((arch, base, fast, fast * train_flops / (peak * 1e9)))
     print(f"\n| model | baseline images/s (PIL workers, fp32, NCHW) | engine images/s ({precision}, channels_last, "
           f"batched augmentation) | speed-up | engine's share of matmul peak |")
     print("| --- | ---: | ---: | ---: | ---: |")

@@ -159,6 +159,8 @@ def test_release_payload_loads_with_loaded_model_and_keeps_its_views(tiny_runs, 
     expected = utils.tta_probabilities(result["model"].float().eval(), normalized, "flip_translate")
     np.testing.assert_allclose(loaded.predict_proba(x), expected.numpy(), atol=1e-5)
     assert not np.allclose(loaded.predict_proba(x, tta="none"), expected.numpy(), atol=1e-5)
+    x, y = make_fake_arrays(200)[:2]  # the bench's scores are the release's scores
+    assert utils.speedrun_scores(result, x, y, "flip_translate") == (loaded.score(x, y, tta="none"), loaded.score(x, y))
     with pytest.raises(ValueError, match="tta must be one of"):
         utils.Loaded_model(path, tta="sideways")
 
@@ -210,3 +212,21 @@ def test_release_scores_the_readme_figures(real_cifar10):
     assert model.arch == "speedrun" and model.tta == "flip_translate"  # the recipe's views by default
     assert abs(model.score(x_test, y_test) * 100 - views) <= 0.05
     assert abs(model.score(x_test, y_test, tta="none") * 100 - single) <= 0.05
+
+
+def test_ablation_scores_the_tta_row_from_the_full_run_and_keeps_finished_rows(tmp_path):
+    write_npy(tmp_path / "data", make_fake_arrays(5600, 10))  # 5,000 validation images, 600 trained on
+    out = tmp_path / "ablation.json"
+    command = [sys.executable, str(ROOT / "bench" / "speedrun_ablation.py"), "--data", str(tmp_path / "data"),
+               "--epochs", "1", "--limit", "600", "--json", str(out), "--tricks", "tta"]
+    first = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert first.returncode == 0, first.stderr
+    rows = {row["trick"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"full", "tta"}  # the full run first, then its single view is the tta row
+    full, tta = rows["full"], rows["tta"]
+    assert tta["val_acc_tta"] == tta["val_acc"] == full["val_acc"] and tta["seconds"] == full["seconds"]
+    assert tta["config"] == asdict(utils.without_trick(utils.SpeedRunConfig(epochs=1), "tta"))
+    written = out.read_text()
+    second = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert second.returncode == 0 and "---" not in second.stdout and second.stdout.count("kept") == 2
+    assert out.read_text() == written
