@@ -41,14 +41,17 @@ def main():
     full = utils.SpeedRunConfig(epochs=args.epochs)
     # tta changes no training: its row is the full recipe's run scored single view, so that run comes first
     needs_full = "full" in args.tricks or "tta" in args.tricks
+    def finished_row(cfg):
+        """The row of this recipe and training-set size already in the file, or None."""
+        return next((r for r in results["rows"] if r["config"] == asdict(cfg) and r["train_images"] == len(y_tr)), None)
+
     for trick in ["full"] * needs_full + [t for t in args.tricks if t != "full"]:
         cfg = full if trick == "full" else utils.without_trick(full, trick)
-        done = [r for r in results["rows"] if r["config"] == asdict(cfg) and r["train_images"] == len(y_tr)]
-        if done:
-            print(f"{trick}: kept from {args.json.name}: val {done[0]['val_acc']:.4f}", flush=True)
+        if done := finished_row(cfg):
+            print(f"{trick}: kept from {args.json.name}: val {done['val_acc']:.4f}", flush=True)
             continue
         if trick == "tta":
-            full_row = next(r for r in results["rows"] if r["config"] == asdict(full) and r["train_images"] == len(y_tr))
+            full_row = finished_row(full)
             row = dict(full_row, trick=trick, config=asdict(cfg), val_acc_tta=full_row["val_acc"])
             print(f"tta: the full recipe's run without its test-time views: val {row['val_acc']:.4f}", flush=True)
         else:
