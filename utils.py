@@ -1456,11 +1456,16 @@ def tta_accuracy(net, x, y, tta="none", device="cpu", precision="fp32", batch_si
     return correct / len(x)
 
 
+def speedrun_inputs(x, y):
+    """uint8 images and their labels as the speed run's network reads them: normalized tensors."""
+    return Preprocess(std=TRUE_STD)(images_to_tensor(x)), torch.as_tensor(np.asarray(y), dtype=torch.long)
+
+
 def speedrun_scores(result, x, y, tta, device="cpu"):
     """(single-view accuracy, accuracy with the views `tta`) of a finished speed run on uint8 images x."""
-    x_norm = Preprocess(std=TRUE_STD)(images_to_tensor(x))
-    y = torch.as_tensor(np.asarray(y), dtype=torch.long)
-    return tuple(tta_accuracy(result["model"], x_norm, y, views, device, result["precision"]) for views in ("none", tta))
+    x_norm, y = speedrun_inputs(x, y)
+    single = tta_accuracy(result["model"], x_norm, y, "none", device, result["precision"])
+    return single, single if tta == "none" else tta_accuracy(result["model"], x_norm, y, tta, device, result["precision"])
 
 
 def speedrun(cfg, x_train, y_train, x_eval=None, y_eval=None, device=None, log=print):
@@ -1470,11 +1475,9 @@ def speedrun(cfg, x_train, y_train, x_eval=None, y_eval=None, device=None, log=p
     """
     device = get_device(device)
     precision = resolve_precision(device, cfg.precision)
-    pre = Preprocess(std=TRUE_STD)
-    x = pre(images_to_tensor(x_train)).to(device)
-    y = torch.as_tensor(np.asarray(y_train), dtype=torch.long).to(device)
+    x, y = (t.to(device) for t in speedrun_inputs(x_train, y_train))
     if x_eval is not None:
-        x_ev, y_ev = pre(images_to_tensor(x_eval)), torch.as_tensor(np.asarray(y_eval), dtype=torch.long)
+        x_ev, y_ev = speedrun_inputs(x_eval, y_eval)
     torch.manual_seed(cfg.seed)
     net = build_model("speedrun", residual=cfg.residual).to(device, memory_format=torch.channels_last)
     if cfg.whitening:

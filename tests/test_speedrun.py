@@ -161,6 +161,7 @@ def test_release_payload_loads_with_loaded_model_and_keeps_its_views(tiny_runs, 
     assert not np.allclose(loaded.predict_proba(x, tta="none"), expected.numpy(), atol=1e-5)
     x, y = make_fake_arrays(200)[:2]  # the bench's scores are the release's scores
     assert utils.speedrun_scores(result, x, y, "flip_translate") == (loaded.score(x, y, tta="none"), loaded.score(x, y))
+    assert utils.speedrun_scores(result, x, y, "none") == (loaded.score(x, y, tta="none"),) * 2
     with pytest.raises(ValueError, match="tta must be one of"):
         utils.Loaded_model(path, tta="sideways")
 
