@@ -87,7 +87,8 @@ def speedrun_card_section(path, measured):
              f"{utils.count_macs(net) / 1e6:.0f} M multiply-accumulates an image, "
              f"{(ROOT / path).stat().st_size / 2**20:.1f} MiB, SHA-256 of its contents `{meta[utils.DIGEST_KEY][:16]}…`.",
              "",
-             f"**Recipe** (`utils.SpeedRunConfig`, fixed on the validation split by `bench/speedrun_ablation.py`): "
+             f"**Recipe** (`utils.SpeedRunConfig`, fixed on the validation split; what each trick is worth there, one run "
+             "with it switched off: `bench/speedrun_ablation.py`, notebook 06 section 4): "
              f"{cfg['epochs']:g} epochs of batch {cfg['batch_size']}, Nesterov SGD (lr {cfg['lr']:g} and weight decay "
              f"{cfg['weight_decay']:g} in airbench's units, momentum {cfg['momentum']:g}), warm-up over "
              f"{cfg['warmup']:.0%} of the steps then linear decay to 0, label smoothing {cfg['label_smoothing']:g}, "
