@@ -1,4 +1,4 @@
-"""Command line for long runs on the engine in utils.py.
+"""Command line for long runs on the engine of the cifar_resnet package (the same one the notebooks use).
 
     python train.py --arch resnet20 --stages 0.1:82 0.01:123 0.001:164 --wd 5e-4 --label-smoothing 0.1 \
         --out checkpoints/r20                         # the ResNet20 release's recipe
@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--schedule", choices=["staged", "cosine"])
     p.add_argument("--label-smoothing", type=finite_float, help="cross-entropy label smoothing (the ResNet20 release: 0.1)")
     p.add_argument("--std", choices=["common", "true"], help="normalization std: the common (0.2023, ...) or the measured")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    p.add_argument("--precision", choices=utils.PRECISIONS, default="auto")
     p.add_argument("--patience", type=positive_int, help="end a stage after this many epochs without val improvement")
     p.add_argument("--min-delta", type=finite_float)
     p.add_argument("--save-every", type=positive_int, help="checkpoint every N epochs (default 5)")
@@ -182,18 +182,14 @@ def run(p, args, rank, world_size, device):
     """Check, build or resume, and train: the body of main, inside the process group."""
     source, ckpt = None, None
     try:
-        if rank == 0:  # before any data is loaded: the folder must be free, and fresh unless resuming
-            utils.lock_run_dir(args.out)
-            if args.resume is None:
-                utils.check_fresh_run_dir(args.out)
+        folder = args.out
+        if rank == 0:  # before any data is loaded: a busy folder, or another run's for a new run, is refused
+            folder = utils.RunFolder(args.out).claim(fresh=args.resume is None)
         if args.resume is not None:
             source, ckpt = next(utils.readable_checkpoints(args.resume or args.out))
         cfg = build_config(p, args, ckpt["config"] if ckpt else None)
-        if ckpt and not args.override and (diffs := utils.recipe_differences(ckpt["config"], cfg)):
-            p.error(f"{source} was trained with other settings: {'; '.join(diffs)}; "
-                    "leave those flags out, or add --override to change them on purpose")
         utils.seed_everything(cfg.seed)
-        trainer = utils.Trainer(cfg, load_data(args, cfg), args.out, device, rank, world_size,
+        trainer = utils.Trainer(cfg, load_data(args, cfg), folder, device, rank, world_size,
                                 progress=not args.no_progress, tensorboard_dir=args.tensorboard)
         if ckpt:
             trainer.load_state(source, None if args.stage is None else args.stage - 1, args.override, ckpt)

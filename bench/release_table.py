@@ -208,9 +208,7 @@ def main():
         args.paths = [*RELEASES, SPEEDRUN]
     measured = {path: scores(ROOT / path, x_test, y_test) for path in args.paths}
     if args.card:
-        tmp = Path(args.card).with_name(f".{Path(args.card).name}.tmp")
-        tmp.write_text(card(measured))
-        tmp.replace(args.card)  # never a half-written card
+        utils.atomic_write(args.card, lambda f: f.write(card(measured).encode()))  # never a half-written card
         print(f"wrote {args.card}")
         return
     print("| release file | model | parameters | test acc, single view | test acc, flip TTA | validation acc | "

@@ -12,7 +12,6 @@ kept and the next seed values run), so a long protocol can span sessions and mac
 """
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -27,12 +26,9 @@ import utils  # noqa: E402
 REFERENCE_GFLOPS = 800  # the budget's machine: 2 cores of an AMD EPYC family 26, bf16
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 def matmul_gflops(precision, device="cpu", n=2048, reps=10):
     """Measured GFLOP/s of a large matrix product in 'bf16', 'fp16' or 'fp32', best of three timings."""
-    a, b = (torch.randn(n, n, dtype=DTYPES[precision], device=device) for _ in range(2))
+    a, b = (torch.randn(n, n, dtype=utils.precision_dtype(precision), device=device) for _ in range(2))
     a @ b
     best = float("inf")
     for _ in range(3):
@@ -49,14 +45,6 @@ def measured_peaks(device="cpu"):
     """{'bf16': GFLOP/s, 'fp32': GFLOP/s} (and 'fp16' on CUDA) of this device, measured now."""
     kinds = ("bf16", "fp32", "fp16") if torch.device(device).type == "cuda" else ("bf16", "fp32")
     return {kind: matmul_gflops(kind, device) for kind in kinds}
-
-
-def write_json(obj, path):
-    """Write JSON through a temporary file and a rename: a killed write leaves the old file whole."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def summarize(results):
@@ -125,7 +113,7 @@ def main():
         results["runs"].append(run)
         results["runs"].sort(key=lambda r: r["seed"])
         if args.json:
-            write_json(summarize(results), args.json)
+            utils.write_json(summarize(results), args.json)
     summarize(results)
     print(f"\n| seed | test acc | test acc ({recipe['tta']}) | wall s | s at {REFERENCE_GFLOPS} GFLOP/s |")
     print("| ---: | ---: | ---: | ---: | ---: |")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
-from speedrun import measured_peaks, write_json  # noqa: E402
+from speedrun import measured_peaks  # noqa: E402
 
 DEFAULT_JSON = Path(__file__).resolve().parents[1] / "checkpoints" / "speedrun_ablation.json"
 
@@ -70,7 +70,7 @@ def main():
             print(f"{trick}: replaces the row measured with an older recipe in {args.json.name}", flush=True)
         results["rows"] = [r for r in results["rows"] if r not in stale]
         results["rows"].append(row)
-        write_json(results, args.json)
+        utils.write_json(results, args.json)
 
 
 if __name__ == "__main__":

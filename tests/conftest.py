@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
+from cifar_resnet import data  # noqa: E402
 
 
 def _real_data_dir():
@@ -68,6 +69,12 @@ def no_default_places(tmp_path, monkeypatch):
     """Point data/ at an empty folder and unset CIFAR10_DIR so only what a test sets is found."""
     empty = tmp_path / "empty_data"
     empty.mkdir()
-    monkeypatch.setattr(utils, "DATA_DIR", empty)
+    monkeypatch.setattr(data, "DATA_DIR", empty)
     monkeypatch.delenv("CIFAR10_DIR", raising=False)
     return empty
+
+
+@pytest.fixture(autouse=True)
+def no_quick_mode(monkeypatch):
+    """Unit tests run the library as users do: quick mode (CIFAR_QUICK=1) is for the notebook kernels only."""
+    monkeypatch.delenv("CIFAR_QUICK", raising=False)

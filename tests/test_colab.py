@@ -95,7 +95,7 @@ def test_colab_satisfies_the_notebooks_requirements():
 def test_missing_requirement_is_installed_alone(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda args, **kw: calls.append(args))
-    (tmp_path / "requirements.txt").write_text("numpy>=1.0\nno-such-package-xyz>=1.0\n# tests and CI only\nnbval-nope\n")
+    (tmp_path / "requirements.txt").write_text("# a comment\nnumpy>=1.0\nno-such-package-xyz>=1.0  # why\n")
     assert utils.install_missing_requirements(tmp_path / "requirements.txt") == ["no-such-package-xyz>=1.0"]
     assert calls == [[sys.executable, "-m", "pip", "install", "--quiet", "no-such-package-xyz>=1.0"]]
 
@@ -164,7 +164,7 @@ def test_training_notebook_on_drive_then_evaluation_of_what_it_trained(colab, mo
     project = content / "drive" / "MyDrive" / "cifar10-resnet"
     mine = project / "checkpoints" / "my_resnet20.pth"
     assert mine.is_file(), "03 exports its selected epoch"
-    assert "short schedule: stages [(0.1, 1), (0.01, 2), (0.001, 3)]" in printed(nb)
+    assert re.search(r"wrote checkpoints/my_resnet20.pth: epoch \d of 3\n", printed(nb))  # quick: 3 epochs
     nb = run_as_colab("04_evaluation.ipynb", content, work, MODEL="checkpoints/my_resnet20.pth")
     assert not (content / "cifar10-resnet").exists()  # 04 found the project 03 left on Drive
     accuracy = float(re.search(r"Accuracy of my model on test set:\s+([\d.]+)", printed(nb)).group(1))

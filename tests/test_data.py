@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import utils
+from cifar_resnet import data
 from conftest import make_fake_arrays, write_batches, write_npy
 
 
@@ -33,7 +34,7 @@ def test_search_order_root_then_env_then_data_dir(tmp_path, fake_arrays, no_defa
     arrays = {name: make_fake_arrays(seed=i) for i, name in enumerate(("root", "env", "data"))}
     for name, arr in arrays.items():
         write_npy(tmp_path / name, arr)
-    monkeypatch.setattr(utils, "DATA_DIR", tmp_path / "data")
+    monkeypatch.setattr(data, "DATA_DIR", tmp_path / "data")
     monkeypatch.setenv("CIFAR10_DIR", str(tmp_path / "env"))
     _assert_same(utils.load_cifar10(tmp_path / "root", download=False), arrays["root"])
     _assert_same(utils.load_cifar10(download=False), arrays["env"])

@@ -99,7 +99,7 @@ def test_checkpoint_optimizer_state_is_moved_to_the_cpu(monkeypatch):
             return torch.Tensor(self.shape).zero_()
 
     state = {"state": {0: {"momentum_buffer": torch.zeros(3).as_subclass(Elsewhere)}}, "param_groups": [{"lr": 0.1}]}
-    out = utils._to_cpu(state)
+    out = utils.to_cpu(state)
     assert moved == [torch.Size([3])] and type(out["state"][0]["momentum_buffer"]) is torch.Tensor
     assert out["param_groups"] == [{"lr": 0.1}]
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import utils
+from cifar_resnet import data, quantize
 from conftest import make_fake_arrays, write_npy
 
 
@@ -27,8 +28,8 @@ def fake_data(tmp_path, monkeypatch):
     arrays = _distinct_arrays()
     write_npy(tmp_path / "data", arrays)
     monkeypatch.setenv("CIFAR10_DIR", str(tmp_path / "data"))
-    monkeypatch.setattr(utils, "DATA_DIR", tmp_path / "no_data_here")
-    monkeypatch.setattr(utils, "INT8_CALIBRATION", 64)
+    monkeypatch.setattr(data, "DATA_DIR", tmp_path / "no_data_here")
+    monkeypatch.setattr(quantize, "INT8_CALIBRATION", 64)
     return arrays
 
 
@@ -58,8 +59,8 @@ def test_calibration_images_come_from_the_training_split_only(fake_data):
 def test_int8_model_calibrates_on_calibration_images_never_the_test_set(fake_data, tmp_path, monkeypatch):
     _needs_int8()
     seen = []
-    real_as_batch = utils._as_image_batch
-    monkeypatch.setattr(utils, "_as_image_batch", lambda x, size=32: seen.append(np.array(x)) or real_as_batch(x, size))
+    real_as_batch = utils.as_image_batch
+    monkeypatch.setattr(quantize, "as_image_batch", lambda x, size=32: seen.append(np.array(x)) or real_as_batch(x, size))
     model = utils.Loaded_model(_release(tmp_path / "r8.pth"), precision="int8")
     assert len(seen) == 1 and np.array_equal(seen[0], utils.calibration_images())
     x_te = fake_data[2]
@@ -71,7 +72,7 @@ def test_cache_is_used_and_a_changed_release_file_rebuilds_it(fake_data, tmp_pat
     _needs_int8()
     calls = []
     real = utils.calibration_images
-    monkeypatch.setattr(utils, "calibration_images", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(quantize, "calibration_images", lambda *a, **k: calls.append(1) or real(*a, **k))
     path = _release(tmp_path / "r8.pth", seed=0)
     cache = tmp_path / "r8.int8-statistics.pth"
     x = fake_data[2][:40]
@@ -96,10 +97,10 @@ def test_int8_errors_name_what_is_missing_before_any_work(tmp_path, monkeypatch)
     missing = tmp_path / "no_such_file.pth"  # the error comes before the file is even opened
     with pytest.raises(utils.Int8UnavailableError, match="CPU only.*use 'auto', 'fp32', 'fp16' or 'bf16'"):
         utils.Loaded_model(missing, device="cuda", precision="int8")
-    monkeypatch.setattr(utils, "_pt2e_tools", lambda: None)
+    monkeypatch.setattr(quantize, "_pt2e_tools", lambda: None)
     with pytest.raises(utils.Int8UnavailableError, match=r"pip install 'torchao>=0.11'.*'fp32', 'bf16'"):
         utils.Loaded_model(missing, precision="int8")
-    monkeypatch.setattr(utils.platform, "machine", lambda: "arm64")
+    monkeypatch.setattr(quantize.platform, "machine", lambda: "arm64")
     with pytest.raises(utils.Int8UnavailableError, match="x86-64 CPU.*arm64"):
         utils.Loaded_model(missing, precision="int8")
 

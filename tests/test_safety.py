@@ -63,14 +63,14 @@ def test_fresh_run_refuses_a_folder_that_holds_a_run(tmp_path, fake_data_dir):
 
 def test_second_process_on_a_folder_exits_at_once_naming_the_holder(tmp_path, fake_data_dir):
     out = tmp_path / "busy"
-    utils.lock_run_dir(out)  # this test process holds the folder, as a running train.py would
+    utils.RunFolder(out).lock()  # this test process holds the folder, as a running train.py would
     line = one_line_error(train_cli(out, fake_data_dir, "--stages", "0.1:1"), "in use", f"pid {os.getpid()}")
     assert "--out" in line and not list(out.glob("*.pth"))
 
 
 def test_lock_is_released_when_the_holder_dies(tmp_path, fake_data_dir):
     out = tmp_path / "dies"
-    holder = subprocess.Popen([sys.executable, "-c", f"import utils, time; utils.lock_run_dir({str(out)!r}); "
+    holder = subprocess.Popen([sys.executable, "-c", f"import utils, time; utils.RunFolder({str(out)!r}).lock(); "
                                "print('locked', flush=True); time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
     one_line_error(train_cli(out, fake_data_dir, "--stages", "0.1:1"), f"pid {holder.pid}")

@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
 import utils
+from cifar_resnet import quick, runtime, training
 from conftest import make_fake_arrays
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,10 +107,10 @@ def test_history_records_each_epochs_hardware_and_marks_older_epochs_unrecorded(
 
 def test_hardware_label_names_cpu_family_and_best_bf16_instructions(monkeypatch):
     info = "processor\t: 0\ncpu family\t: 26\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
-    monkeypatch.setattr(utils, "cpu_info", lambda: info * 2)
+    monkeypatch.setattr(runtime, "cpu_info", lambda: info * 2)
     threads = torch.get_num_threads()
     assert utils.hardware_label("cpu", "bf16") == f"AMD EPYC family 26 (AVX512-BF16), {threads} thread{'s' * (threads != 1)}, bf16"
-    monkeypatch.setattr(utils, "cpu_info", lambda: "")
+    monkeypatch.setattr(runtime, "cpu_info", lambda: "")
     assert "family" not in utils.hardware_label("cpu", "fp32")
 
 
@@ -121,7 +123,7 @@ def test_cosine_schedule_and_checkpoint_pruning(tmp_path):
 
 
 def test_early_stop_on_plateau(tmp_path, monkeypatch):
-    monkeypatch.setattr(utils, "evaluate", lambda *a, **k: {"loss": 1.0, "acc": 0.5})
+    monkeypatch.setattr(training, "evaluate", lambda *a, **k: {"loss": 1.0, "acc": 0.5})
     trainer = tiny_trainer(tmp_path, stages=[(0.1, 10), (0.01, 12)], patience=2, min_delta=0.01)
     history = trainer.fit()
     # each stage: 1 improving epoch (from nothing) + 2 flat ones, then it stops long before its end
@@ -154,8 +156,8 @@ def test_bad_config_is_refused():
     (False, 2.2, "fp32"),  # no bf16 instructions: emulated, never picked
 ])
 def test_auto_precision_on_cpu_picks_bf16_only_where_it_is_faster(monkeypatch, has_bf16, speedup, expected):
-    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: has_bf16)
-    monkeypatch.setattr(utils, "cpu_bf16_speedup", lambda: speedup)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: has_bf16)
+    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: speedup)
     assert utils.resolve_precision("cpu") == expected
     assert utils.resolve_precision("cpu", "bf16") == "bf16"  # a forced choice is kept
 
@@ -215,11 +217,15 @@ def test_fit_prints_an_estimate_after_its_first_epoch(tmp_path, capsys):
     assert out.count("estimate:") == 1
 
 
-def test_quick_mode_shrinks_only_under_cifar_quick(monkeypatch):
-    stages = [(0.1, 82), (0.01, 123), (0.001, 164)]
-    monkeypatch.setattr(utils, "QUICK", False)
-    assert utils.quick_mode(stages, None, None, "run") == (stages, None, None, "run")
-    monkeypatch.setattr(utils, "QUICK", True)
-    quick_stages, limit_train, limit_val, run_dir = utils.quick_mode(stages, None, None, "run")
-    assert quick_stages == [(0.1, 1), (0.01, 2), (0.001, 3)] and (limit_train, limit_val) == (1024, 500)
+def test_quick_mode_shrinks_runs_only_under_cifar_quick(monkeypatch):
+    cfg = utils.TrainConfig(stages=[(0.1, 82), (0.01, 123), (0.001, 164)])
+    data = tuple(np.arange(2000) for _ in range(4))
+    monkeypatch.delenv("CIFAR_QUICK", raising=False)
+    assert quick.shrink_run_for_tests(cfg, data, "run") == (cfg, data, "run")
+    monkeypatch.setenv("CIFAR_QUICK", "1")
+    small_cfg, small_data, run_dir = quick.shrink_run_for_tests(cfg, data, "run")
+    assert small_cfg.stages == [(0.1, 1), (0.01, 2), (0.001, 3)] and cfg.stages[-1] == (0.001, 164)
+    assert [len(a) for a in small_data] == [1024, 1024, 500, 500]
     assert Path(run_dir).is_dir() and not any(Path(run_dir).iterdir())
+    assert quick.shrink_run_for_tests(cfg, data, "run")[2] == run_dir  # the same stand-in: later cells resume
+    assert [len(a) for a in quick.shrink_images_for_tests(np.arange(5000))] == [1000]

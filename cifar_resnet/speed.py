@@ -1,0 +1,216 @@
+"""The speed run: a small residual network and a recipe of known methods (after Keller Jordan's airbench94)
+that trains to 94% on CIFAR-10 in minutes on 2 CPU cores; every trick is a switch of `SpeedRunConfig`.
+
+Taught in notebook 06 (speed run); bench/speedrun.py runs its final protocol, bench/speedrun_ablation.py its
+ablation.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoints import release_payload
+from .data import TRUE_STD, Preprocess, augment_batch, draw_augmentation, images_to_tensor, labels_to_tensor
+from .models import build_model
+from .quick import shrink_images_for_tests
+from .runtime import autocast, check_precision, get_device, hardware_label, resolve_precision
+from .training import NonFiniteLossError
+from .views import check_tta, tta_accuracy
+
+__all__ = ["SpeedRunConfig", "SPEEDRUN_TRICKS", "without_trick", "whitening_filters", "speedrun_lr_factor",
+           "speedrun_optimizer", "Lookahead", "speedrun_flips", "speedrun_inputs", "speedrun_scores", "speedrun",
+           "speedrun_checkpoint"]
+
+# The learning rate and weight decay are in airbench's units. Its loss is summed over the batch, not averaged,
+# and its lr is given per 1,024 images with momentum's gain 1 / (1 - momentum) divided out, so one number keeps
+# its meaning when the batch size or the momentum changes: the SGD step size is lr / (1024 * (1 + 1 / (1 -
+# momentum))) per image of summed loss (see speedrun_optimizer). Weight decay is per 1,024 images likewise and
+# independent of the lr: PyTorch multiplies it by the lr, so it is divided by the lr once here.
+
+@dataclass
+class SpeedRunConfig:
+    """The speed run's recipe (after Keller Jordan's airbench94); each trick is a switch the ablation turns off."""
+
+    epochs: float = 10.0
+    batch_size: int = 512  # 1,024 runs slower on a 2-core CPU (the activations leave the cache)
+    lr: float = 11.5  # airbench's units: per 1,024 images of summed loss, with momentum's gain divided out
+    momentum: float = 0.85
+    weight_decay: float = 0.0153  # per 1,024 images, independent of the learning rate
+    nesterov: bool = True
+    warmup: float = 0.2  # fraction of the steps in which the lr rises from 0.2x to its peak; then linear to 0
+    label_smoothing: float = 0.2
+    whitening: bool = True  # first layer's filters from the training patches' covariance, frozen
+    whiten_bias_epochs: float = 3.0  # the whitening layer's bias trains this long, then freezes
+    frozen_bn_weights: bool = True  # batch-norm scales stay 1; only their biases learn, at bias_lr_scale x the lr
+    bias_lr_scale: float = 64.0
+    lookahead: bool = True  # every 5 steps, pull the weights toward their running average (stronger late)
+    alternating_flip: bool = True  # each image mirrored in every other epoch instead of at random
+    translate: int = 2  # random shifts of up to this many pixels with reflected borders (0: none)
+    tta: str = "flip_translate"  # the views the test accuracy averages: "none", "flip" or "flip_translate"
+    residual: bool = True  # shortcut around each group's second convolution
+    precision: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        self.tta = check_tta(self.tta)
+        check_precision(self.precision)
+        if not (self.epochs > 0 and self.batch_size >= 1 and 0 <= self.warmup < 1 and self.translate >= 0):
+            raise ValueError("epochs must be > 0, batch_size >= 1, warmup in [0, 1) and translate >= 0; got "
+                             f"{self.epochs}, {self.batch_size}, {self.warmup}, {self.translate}")
+
+
+SPEEDRUN_TRICKS = ("whitening", "lookahead", "alternating_flip", "label_smoothing", "translate", "tta",
+                   "frozen_bn_weights", "residual", "warmup", "nesterov")
+
+
+def without_trick(cfg, trick):
+    """The same recipe with one trick switched off (label smoothing 0, no shifts, no TTA views, ...)."""
+    off = {"label_smoothing": 0.0, "translate": 0, "tta": "none", "warmup": 0.0}.get(trick, False)
+    if trick not in SPEEDRUN_TRICKS:
+        raise ValueError(f"unknown trick {trick!r}; the tricks are {', '.join(SPEEDRUN_TRICKS)}")
+    return SpeedRunConfig(**{**asdict(cfg), trick: off})
+
+
+def whitening_filters(images, eps=5e-4):
+    """24 2x2 filters that whiten normalized images' patches: eigenvectors / sqrt(eigenvalue + eps), both signs."""
+    patches = images.float().unfold(2, 2, 1).unfold(3, 2, 1).transpose(1, 3).reshape(-1, 12).double()
+    eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
+    filters = (eigenvectors.T / (eigenvalues[:, None] + eps).sqrt()).flip(0).reshape(12, 3, 2, 2)
+    return torch.cat([filters, -filters]).float()
+
+
+def speedrun_lr_factor(cfg, step, total):
+    """The learning rate's multiple at a step: linear from 0.2 to 1 over the warm-up, then linear to 0."""
+    top = cfg.warmup * total
+    return 0.2 + 0.8 * step / top if step < top else (total - step) / (total - top)
+
+
+def speedrun_optimizer(net, cfg):
+    """Nesterov SGD in airbench's units: batch-norm biases at bias_lr_scale x the lr, the same decay per image."""
+    kilostep = 1024 * (1 + 1 / (1 - cfg.momentum))
+    lr, decay = cfg.lr / kilostep, cfg.weight_decay * cfg.batch_size / kilostep
+    biases = [p for n, p in net.named_parameters() if ".bn" in n and n.endswith("bias")]
+    others = [p for n, p in net.named_parameters() if p.requires_grad and not (".bn" in n and n.endswith("bias"))]
+    scale = cfg.bias_lr_scale if cfg.frozen_bn_weights else 1.0
+    groups = [dict(params=biases, lr=lr * scale, weight_decay=decay / (lr * scale), base_lr=lr * scale),
+              dict(params=others, lr=lr, weight_decay=decay / lr, base_lr=lr)]
+    return torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+class Lookahead:
+    """A running average of the weights that the weights are reset to every few steps (airbench's EMA)."""
+
+    def __init__(self, net):
+        self.average = {k: v.detach().clone() for k, v in net.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, net, decay):
+        """average <- decay * average + (1 - decay) * weights; then weights <- average."""
+        state = net.state_dict()
+        for k, avg in self.average.items():
+            avg.lerp_(state[k], 1 - decay)
+            state[k].copy_(avg)
+
+
+def speedrun_flips(n, epoch, cfg, first_flips):
+    """Which images are mirrored this epoch: alternating from a fixed random start, or fresh draws."""
+    if cfg.alternating_flip:
+        return first_flips ^ bool(epoch % 2)
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * epoch + 1)
+    return torch.rand(n, generator=g) < 0.5
+
+
+def speedrun_inputs(x, y):
+    """uint8 images and their labels as the speed run's network reads them: normalized tensors."""
+    return Preprocess(std=TRUE_STD)(images_to_tensor(x)), labels_to_tensor(y)
+
+
+def speedrun_scores(result, x, y, tta, device="cpu"):
+    """(single-view accuracy, accuracy with the views `tta`) of a finished speed run on uint8 images x."""
+    x_norm, y = speedrun_inputs(*shrink_images_for_tests(x, y))
+    single = tta_accuracy(result["model"], x_norm, y, "none", device, result["precision"])
+    return single, single if tta == "none" else tta_accuracy(result["model"], x_norm, y, tta, device, result["precision"])
+
+
+def speedrun(cfg, x_train, y_train, x_eval=None, y_eval=None, device=None, log=print):
+    """Train the speed run's network on uint8 images; returns dict(model, history, precision, hardware).
+
+    With evaluation images, each epoch ends with their single-view accuracy (for the curve; nothing is selected).
+    """
+    device = get_device(device)
+    precision = resolve_precision(device, cfg.precision)
+    x_train, y_train = shrink_images_for_tests(x_train, y_train)
+    x, y = (t.to(device) for t in speedrun_inputs(x_train, y_train))
+    if x_eval is not None:
+        x_ev, y_ev = speedrun_inputs(x_eval, y_eval)
+    torch.manual_seed(cfg.seed)
+    net = build_model("speedrun", residual=cfg.residual).to(device, memory_format=torch.channels_last)
+    if cfg.whitening:
+        net.whiten.weight.data.copy_(whitening_filters(x[:5000]))
+        net.whiten.weight.requires_grad_(False)
+    for name, param in net.named_parameters():
+        if cfg.frozen_bn_weights and ".bn" in name and name.endswith("weight"):
+            param.requires_grad_(False)
+    optimizer = speedrun_optimizer(net, cfg)
+    lookahead = Lookahead(net) if cfg.lookahead else None
+    n, g = len(y), torch.Generator().manual_seed(cfg.seed)
+    steps_per_epoch = n // cfg.batch_size
+    total = max(math.ceil(cfg.epochs * steps_per_epoch), 1)
+    first_flips = torch.rand(n, generator=g) < 0.5
+    history = {k: [] for k in ("epoch", "train_loss", "train_acc", "val_acc", "seconds", "elapsed")}
+    step, epoch, start = 0, 0, time.perf_counter()
+    while step < total:
+        net.train()
+        tick, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
+        if cfg.whitening and epoch == math.ceil(cfg.whiten_bias_epochs):
+            net.whiten.bias.requires_grad_(False)
+        order = torch.randperm(n, generator=g)
+        draws = draw_augmentation(n, g, cfg.translate)
+        draws[2] = speedrun_flips(n, epoch, cfg, first_flips).long()
+        for i in range(min(steps_per_epoch, total - step)):
+            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            xb = augment_batch(x[idx.to(device)], pad=cfg.translate, draws=draws[:, idx].to(device), padding="reflect")
+            xb, yb = xb.contiguous(memory_format=torch.channels_last), y[idx.to(device)]
+            factor = speedrun_lr_factor(cfg, step, total)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            with autocast(device, precision):
+                logits = net(xb)
+            loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing, reduction="sum")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if lookahead and step % 5 == 0:
+                lookahead.update(net, decay=0.95 ** 5 * (step / total) ** 3)
+            loss_sum += loss.item()
+            correct += (logits.argmax(1) == yb).sum().item()
+            seen += len(yb)
+        if not math.isfinite(loss_sum):
+            raise NonFiniteLossError(f"the speed run's loss became {loss_sum} in epoch {epoch + 1}; lower lr")
+        if lookahead and step == total:
+            lookahead.update(net, decay=1.0)  # end on the average itself
+        seconds = time.perf_counter() - tick
+        val = tta_accuracy(net, x_ev, y_ev, "none", device, precision) if x_eval is not None else float("nan")
+        for k, v in dict(epoch=epoch, train_loss=loss_sum / seen, train_acc=correct / seen, val_acc=val,
+                         seconds=seconds, elapsed=time.perf_counter() - start).items():
+            history[k].append(v)
+        epoch += 1
+        if log:
+            log(f"epoch {epoch:2d} | train loss {loss_sum / seen:.4f} acc {correct / seen:.4f} | "
+                f"{'val acc %.4f | ' % val if x_eval is not None else ''}{seconds:.0f} s")
+    if x_eval is None:
+        del history["val_acc"]
+    net.eval()
+    return dict(model=net, history=history, precision=precision, hardware=hardware_label(device, precision))
+
+
+def speedrun_checkpoint(cfg, result, **extra):
+    """A release payload for a finished speed run: what Loaded_model and the hub read, plus its recipe and history."""
+    return release_payload("speedrun", {"residual": cfg.residual}, Preprocess(std=TRUE_STD), asdict(cfg),
+                           result["model"], result["history"], result["precision"], tta=cfg.tta,
+                           hardware=result["hardware"], **extra)
