@@ -29,7 +29,8 @@ def _entry(name):
             model, preprocess, classes = loaded.model, loaded.preprocess, loaded.classes
         else:
             model = cifar_resnet.build_model(name, **options)
-            preprocess, classes = cifar_resnet.Preprocess(size=cifar_resnet.input_size(name)), list(cifar_resnet.CLASSES)
+            preprocess = cifar_resnet.Preprocess(size=cifar_resnet.input_size(name))
+            classes = list(cifar_resnet.CLASSES)
         model.preprocess, model.classes = preprocess, classes
         return model.cpu().eval()
 

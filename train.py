@@ -161,6 +161,15 @@ def setup_distributed(device):
     return dist.get_rank(), world_size, torch.device("cpu")
 
 
+def continues_its_own_run(args):
+    """True when --resume continues a run of --out itself; resuming another folder's checkpoint into --out starts
+    a new run there, which must not overwrite a run --out already holds."""
+    if args.resume is None:
+        return False
+    source = Path(args.resume or args.out)
+    return (source if source.is_dir() else source.parent).resolve() == Path(args.out).resolve()
+
+
 def load_data(args, cfg):
     """(x_train, y_train, x_val, y_val): the seeded stratified split, optionally truncated."""
     x, y, _, _ = utils.load_cifar10(args.data)
@@ -184,7 +193,7 @@ def run(p, args, rank, world_size, device):
     try:
         folder = args.out
         if rank == 0:  # before any data is loaded: a busy folder, or another run's for a new run, is refused
-            folder = utils.RunFolder(args.out).claim(fresh=args.resume is None)
+            folder = utils.RunFolder(args.out).claim(fresh=not continues_its_own_run(args))
         if args.resume is not None:
             source, ckpt = next(utils.readable_checkpoints(args.resume or args.out))
         cfg = build_config(p, args, ckpt["config"] if ckpt else None)
@@ -196,7 +205,11 @@ def run(p, args, rank, world_size, device):
     except (utils.RunFolderError, utils.DamagedCheckpointError, FileNotFoundError, ValueError) as e:
         p.error(str(e).replace("\n", " "))
     last = cfg.stages[-1][1]
-    if trainer.epoch >= last or trainer.stage >= len(cfg.stages):
+    if trainer.epoch > last:
+        print(f"nothing to train: {source} is at epoch {trainer.epoch}, past the end of the given schedule "
+              f"(epoch {last}); give --stages that end after epoch {trainer.epoch} to train on.")
+        return
+    if trainer.epoch == last or trainer.stage >= len(cfg.stages):
         print(f"nothing to train: {source} is at epoch {trainer.epoch}, the end of its schedule ({last} epochs). "
               "To train longer, give longer --stages with --override.")
         return
@@ -204,7 +217,10 @@ def run(p, args, rank, world_size, device):
         print(f"{cfg.arch} on {device} ({trainer.precision}), {world_size} process(es) of batch {trainer.batch_per_rank}, "
               f"{len(trainer.train_loader.y)} train / {len(trainer.val_loader.y)} val images, "
               f"from epoch {trainer.epoch} stage {trainer.stage + 1}, stages {cfg.stages}", flush=True)
-    trainer.fit(stop_epoch=args.stop_epoch)
+    try:
+        trainer.fit(stop_epoch=args.stop_epoch)
+    except utils.NonFiniteLossError as e:  # the last saved checkpoint stays the run's newest
+        sys.exit(f"{p.prog}: error: {e}")
     if rank == 0:
         print(f"{'done' if trainer.stage >= len(cfg.stages) else 'paused'}: epoch {trainer.epoch}, best val acc {trainer.best_val_acc:.4f}")
 

@@ -25,7 +25,8 @@ try:
 except ImportError:  # Windows has no flock: run folders are then unguarded
     fcntl = None
 
-__all__ = ["DIGEST_KEY", "DamagedCheckpointError", "RunFolderError", "payload_digest", "file_sha256",
+__all__ = ["DIGEST_KEY", "DamagedCheckpointError", "UnsafeCheckpointError", "RunFolderError", "payload_digest",
+           "file_sha256",
            "atomic_write", "write_json", "save_checkpoint", "load_checkpoint", "check_weights", "checkpoint_epochs",
            "latest_checkpoint", "readable_checkpoints", "to_cpu", "release_payload", "export_release", "RunFolder",
            "save_history", "load_history"]
@@ -35,6 +36,14 @@ DIGEST_KEY = "sha256"  # a checkpoint's digest of everything else in it, checked
 
 class DamagedCheckpointError(ValueError):
     """A checkpoint file that cannot be read, or whose contents no longer match its digest."""
+
+
+class UnsafeCheckpointError(DamagedCheckpointError):
+    """A file whose pickle names something other than tensors and plain data: refused, never executed.
+
+    A damaged file (one flipped bit in a name) reads the same way, so it counts as damaged too: a run folder's
+    resume falls back past it, and a cache built from it is rebuilt.
+    """
 
 
 class RunFolderError(RuntimeError):
@@ -119,10 +128,12 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        detail = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), str(e).splitlines()[0])
-        raise ValueError(f"{path} holds pickled Python objects, not only tensors and plain data; it is refused "
-                         "because loading it could run arbitrary code. Re-save its state_dict with torch.save. "
-                         f"({detail})") from None
+        found = re.search(r"Unsupported[^\n]*?(?= was not an allowed|\n|$)", str(e))
+        detail = f" ({found.group(0).strip()})" if found else ""
+        raise UnsafeCheckpointError(
+            f"{path} is refused, never executed: its pickle refers to more than tensors and plain data{detail}. "
+            "Either it is damaged (use another copy, or the run's previous checkpoint) or it holds pickled Python "
+            "objects, which could run arbitrary code: re-save just its state_dict with torch.save.") from None
     except Exception as e:  # truncated, overwritten or not a torch file at all
         raise DamagedCheckpointError(f"{path} is damaged or not a PyTorch checkpoint: it cannot be read "
                                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
@@ -254,19 +265,24 @@ class RunFolder:
         return self
 
     def _acquire(self, key):
+        """Lock the folder itself (not a file in it, which a user could delete) and note the holder in .lock."""
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDONLY)
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                holder = (self.path / ".lock").read_text().strip() or "unknown"
-                raise RunFolderError(f"{key} is in use by another training process (pid {holder}); "
+                raise RunFolderError(f"{key} is in use by another training process (pid {self._holder()}); "
                                      "wait for it to end, or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        (self.path / ".lock").write_text(str(os.getpid()))
         _HELD_LOCKS[key] = fd
+
+    def _holder(self):
+        """The pid the lock's holder wrote into .lock, or 'unknown'."""
+        with contextlib.suppress(OSError):
+            return (self.path / ".lock").read_text().strip() or "unknown"
+        return "unknown"
 
     def check_fresh(self):
         """Refuse to start a new run in a folder that already holds another run's checkpoints."""

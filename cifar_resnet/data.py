@@ -5,6 +5,7 @@ Taught in notebook 01 (data); `BatchLoader` and augmentation are what notebook 0
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -21,7 +22,8 @@ from .runtime import PROJECT_DIR
 
 __all__ = ["DATA_DIR", "CLASSES", "CIFAR_MEAN", "COMMON_STD", "TRUE_STD", "NPY_FILES", "BATCHES_DIR", "TARBALL",
            "find_cifar10", "load_cifar10", "train_val_split", "images_to_tensor", "labels_to_tensor",
-           "as_image_batch", "Preprocess", "draw_augmentation", "augment_batch", "BatchLoader"]
+           "as_image_batch", "data_fingerprint", "describe_data", "Preprocess", "draw_augmentation", "augment_batch",
+           "BatchLoader"]
 
 DATA_DIR = PROJECT_DIR / "data"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
@@ -102,9 +104,8 @@ def _download_cifar10():
 
 def load_cifar10(root=None, download=True):
     """Return (x_train, y_train, x_test, y_test): uint8 N x 32 x 32 x 3 images and int64 labels, official order."""
-    if root is not None and not Path(root).is_dir():  # an explicit folder is never silently replaced by another
-        raise FileNotFoundError(f"CIFAR-10 folder {root} does not exist; pass an existing folder, or root=None "
-                                "to search $CIFAR10_DIR and data/")
+    if root is not None:  # an explicit folder is never silently replaced by another
+        return _check_arrays(_load_from(_explicit_folder(Path(root))), Path(root))
     places = _data_places(root)
     place = find_cifar10(root)
     if place is not None:
@@ -122,6 +123,20 @@ def load_cifar10(root=None, download=True):
         f"Each place may hold the four files {', '.join(NPY_FILES)}, the folder {BATCHES_DIR}/, or {TARBALL}.\n"
         "Fix: pass load_cifar10(root=DIR), set the environment variable CIFAR10_DIR=DIR, "
         f"put the data in {DATA_DIR}, or allow the torchvision download (needs internet).")
+
+
+def _explicit_folder(root):
+    """`root` when it holds the data in an accepted form, else an error that says what it holds and lacks."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"CIFAR-10 folder {root} does not exist; pass an existing folder, or root=None "
+                                "to search $CIFAR10_DIR and data/")
+    if _data_form(root) is None:
+        present = [f for f in NPY_FILES if (root / f).is_file()]
+        lacks = f"; it has {', '.join(present)} but lacks {', '.join(f for f in NPY_FILES if f not in present)}"
+        raise FileNotFoundError(f"CIFAR-10 folder {root} holds no copy of the data{lacks if present else ''}: "
+                                f"expected the four files {', '.join(NPY_FILES)}, the folder {BATCHES_DIR}/, "
+                                f"or {TARBALL}")
+    return root
 
 
 def _check_arrays(arrays, place):
@@ -169,6 +184,20 @@ def labels_to_tensor(y):
     return torch.as_tensor(np.asarray(y), dtype=torch.long)
 
 
+def data_fingerprint(data):
+    """What a run trained on, small enough to record: image counts and a SHA-256 of the arrays' bytes."""
+    h = hashlib.sha256()
+    for a in data:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return {"train_images": len(data[1]), "val_images": len(data[3]), "sha256": h.hexdigest()}
+
+
+def describe_data(fingerprint):
+    """'45000 training and 5000 validation images (sha256 1a2b3c4d...)'."""
+    return (f"{fingerprint['train_images']} training and {fingerprint['val_images']} validation images "
+            f"(sha256 {fingerprint['sha256'][:12]}...)")
+
+
 def as_image_batch(x, size=32):
     """Check images given for prediction and return them as an N x 3 x H x W tensor (uint8, or float in [0, 1]).
 
@@ -212,7 +241,13 @@ class Preprocess:
     size: int = 32  # 224 for resnet18_imagenet
 
     def __call__(self, x):
-        """Float N x 3 x size x size batch from uint8 (0..255) or float (0..1) images."""
+        """Float N x 3 x size x size batch from uint8 (0..255) or float (0..1) images; anything else is refused."""
+        if x.dtype != torch.uint8 and not x.is_floating_point():  # int64 pixels would be read as 0..1 floats
+            raise ValueError(f"expected uint8 pixels 0..255 or floats in [0, 1]; got dtype {x.dtype}")
+        if x.is_floating_point() and len(x) and (x.min() < 0 or x.max() > 1):  # NaN fails both comparisons
+            raise ValueError(f"float images must lie in [0, 1]; got values in [{x.min():.3g}, {x.max():.3g}]")
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise ValueError("images contain NaN or infinite values")
         x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
         if x.shape[-1] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)

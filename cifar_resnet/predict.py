@@ -70,7 +70,7 @@ class Loaded_model:  # noqa: N801  (the name the course reports evaluate with)
         self.model = net.to(self.device, self.dtype, memory_format=torch.channels_last).eval()
         if self.precision == "int8":  # calibrated once per release file and torch; the statistics are kept beside it
             cache = Path(path).with_name(f"{Path(path).stem}.int8-statistics.pth")
-            key = int8_cache_key(path, calibration)
+            key = int8_cache_key(path, self.preprocess, label, calibration)
             self.model = quantize_int8(self.model, self.preprocess, calibration, cache, key)
 
     @torch.no_grad()

@@ -34,7 +34,8 @@ class Int8UnavailableError(RuntimeError):
 
 @functools.lru_cache(maxsize=None)
 def _pt2e_tools():
-    """(prepare, convert, make_quantizer, lower, library) from torchao 0.11+, else from a torch that still ships them."""
+    """(prepare, convert, make_quantizer, lower, library) from torchao 0.11+, else from a torch that still ships
+    them."""
     with _quiet_libraries():
         return _import_pt2e_tools()
 
@@ -176,8 +177,10 @@ def quantize_int8(model, preprocess, calibration=None, cache=None, key=None):
             return _FixedBatch(lower(convert(prepared), example), INT8_BATCH)
 
 
-def int8_cache_key(path, calibration=None):
-    """What a release's int8 statistics depend on: the file's bytes, torch, the quantization library, the images."""
+def int8_cache_key(path, preprocess, network, calibration=None):
+    """What a release's int8 statistics depend on: the file's bytes, the normalization and network it is loaded
+    with (a bare state dict takes them from the caller), torch, the quantization library and the images."""
     images = (f"training split, {INT8_CALIBRATION} images, seed 0" if calibration is None
               else f"given images sha256 {payload_digest({'images': torch.as_tensor(np.asarray(calibration))})}")
-    return f"{Path(path).name} sha256 {file_sha256(path)} | torch {torch.__version__} | {_pt2e_tools()[4]} | {images}"
+    return (f"{Path(path).name} sha256 {file_sha256(path)} | {network} | {preprocess} | torch {torch.__version__} | "
+            f"{_pt2e_tools()[4]} | {images}")

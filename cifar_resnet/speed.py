@@ -31,6 +31,7 @@ __all__ = ["SpeedRunConfig", "SPEEDRUN_TRICKS", "without_trick", "whitening_filt
 # momentum))) per image of summed loss (see speedrun_optimizer). Weight decay is per 1,024 images likewise and
 # independent of the lr: PyTorch multiplies it by the lr, so it is divided by the lr once here.
 
+
 @dataclass
 class SpeedRunConfig:
     """The speed run's recipe (after Keller Jordan's airbench94); each trick is a switch the ablation turns off."""
@@ -130,10 +131,14 @@ def speedrun_inputs(x, y):
 
 
 def speedrun_scores(result, x, y, tta, device="cpu"):
-    """(single-view accuracy, accuracy with the views `tta`) of a finished speed run on uint8 images x."""
+    """(single-view accuracy, accuracy with the views `tta`) of a finished speed run on uint8 images x.
+
+    Scored in fp32 whatever the run trained in: the figures `Loaded_model` gives for the saved release (fp32
+    by default for the README), so the bench and the release file never disagree on a bf16 machine.
+    """
     x_norm, y = speedrun_inputs(*shrink_images_for_tests(x, y))
-    single = tta_accuracy(result["model"], x_norm, y, "none", device, result["precision"])
-    return single, single if tta == "none" else tta_accuracy(result["model"], x_norm, y, tta, device, result["precision"])
+    single = tta_accuracy(result["model"], x_norm, y, "none", device, "fp32")
+    return single, single if tta == "none" else tta_accuracy(result["model"], x_norm, y, tta, device, "fp32")
 
 
 def speedrun(cfg, x_train, y_train, x_eval=None, y_eval=None, device=None, log=print):

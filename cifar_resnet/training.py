@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import (RunFolder, check_weights, latest_checkpoint, load_checkpoint, readable_checkpoints,
                           release_payload, to_cpu)
-from .data import CLASSES, BatchLoader
+from .data import CLASSES, BatchLoader, data_fingerprint, describe_data
 from .models import build_model, canonical_arch_options
 from .quick import shrink_run_for_tests
 from .recipe import RecipeMismatchError, make_optimizer, recipe_differences, stage_lr
@@ -150,6 +150,7 @@ class Trainer:
             raise ValueError(f"batch size {cfg.batch_size} does not split evenly over {world_size} processes")
         self.batch_per_rank = cfg.batch_size // world_size  # the recipe's batch is the global one, as is its lr
         self.train_loader, self.val_loader = self._loaders(data)
+        self.data = data_fingerprint(data)  # recorded, so that a resume on other images is noticed
         torch.manual_seed(cfg.seed)  # the same initial weights for the same seed
         self.net = build_model(cfg.arch, len(CLASSES), **cfg.arch_options)
         self.net = self.net.to(self.device, memory_format=torch.channels_last)
@@ -195,7 +196,7 @@ class Trainer:
         """Everything needed to resume exactly and to predict, as plain data and CPU tensors."""
         state = release_payload(
             self.cfg.arch, self.cfg.arch_options, self.cfg.preprocess(), asdict(self.cfg), self.net, self.history,
-            self.precision, **asdict(self.counters), device=str(self.device),
+            self.precision, **asdict(self.counters), data=self.data, device=str(self.device),
             saved=list(self.saved if saved is None else saved), world_size=self.world_size,
             batch_per_rank=self.batch_per_rank)
         if with_optimizer:  # nothing draws from a CUDA generator (augmentation uses a seeded CPU one): not saved
@@ -211,6 +212,8 @@ class Trainer:
             raise RecipeMismatchError(f"{path} holds {ckpt.get('arch')} {ckpt.get('arch_options')}, "
                                       f"but this run trains {self.cfg.arch} {self.cfg.arch_options}")
         diffs = recipe_differences(ckpt.get("config", {}), self.cfg)
+        if ckpt.get("data", self.data) != self.data:
+            diffs.append(f"data: recorded {describe_data(ckpt['data'])}, given {describe_data(self.data)}")
         if diffs and not override:
             raise RecipeMismatchError(f"{path} was trained with other settings: {'; '.join(diffs)}. Leave those "
                                       "settings out to continue the recorded recipe, or override them on purpose "
@@ -226,6 +229,9 @@ class Trainer:
         as a run planned that way from the start.
         """
         ckpt = load_checkpoint(path) if ckpt is None else ckpt
+        if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "rng" not in ckpt:
+            raise ValueError(f"{path} holds a model to predict with, not a run to resume (no optimizer state): "
+                             "resume from a run folder's ckpt_<epoch>.pth, or start a new run")
         diffs = self._check_recipe(path, ckpt, override)
         self.net.load_state_dict(check_weights(ckpt["model"], path))
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -264,10 +270,13 @@ class Trainer:
         for path, ckpt in readable_checkpoints(source):
             return self.load_state(path, stage, override, ckpt)
 
-    def _save(self, stage_end=False, best=False):
+    def _save(self, stage_end=False, best=False, pause=False):
         if self.folder is None:
             return
-        if stage_end or self.epoch % self.cfg.save_every == 0:  # first: a kill before best.pth is healed on resume
+        # A resume point at every stage end, every save_every epochs, at a pause, and after a run's first epoch:
+        # a folder holding best.pth always holds a checkpoint to resume from. Before best.pth: a kill between the
+        # two is healed on resume.
+        if stage_end or pause or not self.saved or self.epoch % self.cfg.save_every == 0:
             self.saved = self.folder.save(lambda kept: self.state(saved=kept), self.epoch, self.saved,
                                           self.cfg.keep_last, self.history["stage_ends"])
         if best:
@@ -285,8 +294,11 @@ class Trainer:
             for k in ("lr", "train_loss", "train_acc", "val_loss", "val_acc"):
                 self.writer.add_scalar(k, row[k], row["epoch"] + 1)
 
-    def run_epoch(self):
-        """Train one epoch at the current stage's lr, validate, log and checkpoint; True if the stage ended."""
+    def run_epoch(self, pause=False):
+        """Train one epoch at the current stage's lr, validate, log and checkpoint; True if the stage ended.
+
+        `pause`: the run stops after this epoch for now, so a resume checkpoint is written whatever save_every says.
+        """
         if self.folder is not None and not self.folder.claimed:
             self.folder.claim(fresh=self.epoch == 0)
         lr = stage_lr(self.cfg, self.stage, self.epoch)
@@ -299,6 +311,7 @@ class Trainer:
         val = evaluate(self.net, self.val_loader, self.device, self.precision) if self.rank == 0 else None
         if self.world_size > 1:
             tr, val = agree_across_ranks(tr, val, self.rank, self.device)
+        self._check_finite(val)
         row = dict(epoch=self.epoch, stage=self.stage, lr=lr, train_loss=tr["loss"], train_acc=tr["acc"],
                    val_loss=val["loss"], val_acc=val["acc"], seconds=tr["seconds"], hardware=self.hardware)
         counters = self.counters
@@ -311,8 +324,17 @@ class Trainer:
             counters.start_stage(counters.stage + 1)
         best = val["acc"] > counters.best_val_acc
         counters.best_val_acc = max(counters.best_val_acc, val["acc"])
-        self._save(stage_end=stage_end, best=best)
+        self._save(stage_end=stage_end, best=best, pause=pause)
         return stage_end
+
+    def _check_finite(self, val):
+        """Stop before saving weights that cannot predict: a finite training loss can still leave NaN weights."""
+        bad = [k for k, v in self.net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad or not math.isfinite(val["loss"]):
+            what = f"{bad[0]} holds NaN or infinite values" if bad else f"validation loss is {val['loss']}"
+            raise NonFiniteLossError(f"epoch {self.epoch + 1} diverged ({what}) at lr "
+                                     f"{self.optimizer.param_groups[0]['lr']:g}; nothing was saved for it: lower the "
+                                     "learning rate, or use precision='fp32'")
 
     def fit(self, until_stage=None, stop_epoch=None):
         """Train the rest of the current stage and the following ones (up to `until_stage`, 0-based, inclusive).
@@ -327,7 +349,7 @@ class Trainer:
                 if self.epoch >= self.cfg.stages[self.stage][1]:  # resumed at or past this stage's end
                     self.counters.start_stage(self.stage + 1)
                     continue
-                self.run_epoch()
+                self.run_epoch(pause=stop_epoch is not None and self.epoch + 1 >= stop_epoch)
                 bar.update()
                 if self.epoch == first + 1 and self.rank == 0 and schedule_end > self.epoch:
                     print(self.estimate(schedule_end), flush=True)

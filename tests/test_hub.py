@@ -45,3 +45,14 @@ def test_hub_offers_every_architecture_untrained_and_refuses_unreleased_weights(
         assert not model.training and model.preprocess.size == utils.input_size(name) and len(model.classes) == 10
     with pytest.raises(ValueError, match="no released weights for resnet56"):
         hubconf.resnet56(pretrained=True)
+
+
+def test_hub_preprocess_refuses_what_loaded_model_refuses():
+    """The hub's .preprocess gave chance-level predictions from int64 or 0..255 float images; now it refuses them."""
+    import hubconf
+    import torch
+    model = hubconf.resnet20(pretrained=True)
+    for images in (torch.zeros(2, 3, 32, 32, dtype=torch.int64), torch.full((2, 3, 32, 32), 255.0)):
+        with pytest.raises(ValueError, match="uint8 pixels 0..255 or floats in|must lie in"):
+            model.preprocess(images)
+    assert model(model.preprocess(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))).shape == (2, 10)

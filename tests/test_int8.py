@@ -83,7 +83,8 @@ def test_cache_is_used_and_a_changed_release_file_rebuilds_it(fake_data, tmp_pat
     _release(path, seed=1)  # the release file changes: its statistics no longer hold
     changed = utils.Loaded_model(path, precision="int8").predict_proba(x)
     assert len(calls) == 2 and not np.array_equal(first, changed)
-    assert utils.load_checkpoint(cache)["key"] == utils.int8_cache_key(path)
+    loaded = utils.Loaded_model(path, precision="int8")  # read from the cache, not calibrated again
+    assert utils.load_checkpoint(cache)["key"] == utils.int8_cache_key(path, loaded.preprocess, "resnet8")
     cache.write_bytes(cache.read_bytes()[:100])  # damaged: rebuilt, never trusted
     utils.Loaded_model(path, precision="int8")
     assert len(calls) == 3
@@ -117,3 +118,20 @@ def test_int8_needs_no_cpp_compiler(tmp_path, fake_data):
     env = {**os.environ, "PATH": str(bare), "CC": "", "CXX": "", "PYTHONPATH": str(utils.PROJECT_DIR)}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0 and "(3,)" in run.stdout, run.stderr[-2000:]
+
+
+def test_statistics_are_keyed_by_the_normalization_a_bare_state_dict_is_loaded_with(fake_data, tmp_path, monkeypatch):
+    """Statistics calibrated under one normalization never serve another: int8 fell to 47.8% that way."""
+    _needs_int8()
+    calls = []
+    real = utils.calibration_images
+    monkeypatch.setattr(quantize, "calibration_images", lambda *a, **k: calls.append(1) or real(*a, **k))
+    path = tmp_path / "bare.pth"
+    torch.manual_seed(0)
+    torch.save(utils.build_model("resnet8").state_dict(), path)  # no metadata: the caller names the normalization
+    x = fake_data[2][:40]
+    wrong = utils.Loaded_model(path, arch="resnet8", mean=(0, 0, 0), std=(1, 1, 1), precision="int8")
+    right = utils.Loaded_model(path, arch="resnet8", precision="int8")
+    assert len(calls) == 2, "the second normalization calibrated again"
+    fp32 = utils.Loaded_model(path, arch="resnet8", precision="fp32").predict_proba(x)
+    assert np.abs(right.predict_proba(x) - fp32).max() < np.abs(wrong.predict_proba(x) - fp32).max()

@@ -28,11 +28,13 @@ def _notebook(path, source, output):
 
 @pytest.fixture
 def project(tmp_path):
-    """A copy of the project root's pytest setup (configuration, conftest, sanitizers, utils) to run pytest in."""
+    """A copy of the project root's pytest setup (configuration, conftest, sanitizers, utils and its package) to
+    run pytest in."""
     root = tmp_path / "project"
     for name in ("pytest.ini", "conftest.py", "utils.py", "tests/nbval_sanitize.cfg"):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, root / name)
+    shutil.copytree(ROOT / "cifar_resnet", root / "cifar_resnet", ignore=shutil.ignore_patterns("__pycache__"))
     return root
 
 

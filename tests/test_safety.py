@@ -279,3 +279,113 @@ def test_predict_and_score_check_their_inputs(release_file):
         model.predict(images, batch_size=0)
     with pytest.raises(ValueError, match="4 images but y 3 labels"):
         model.score(images, [0, 1, 2])
+
+
+# 9. round two: the seams between command line, run folder, data and files ------------------------------------
+
+def test_resuming_another_folders_checkpoint_never_overwrites_a_run_in_out(tmp_path, fake_data_dir):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train_cli(a, fake_data_dir, "--stages", "0.1:2", "--save-every", "1").returncode == 0
+    assert train_cli(b, fake_data_dir, "--stages", "0.1:2", "--seed", "1").returncode == 0
+    before = {p.name: p.read_bytes() for p in b.glob("*.pth")}
+    line = one_line_error(train_cli(b, fake_data_dir, "--resume", str(a / "ckpt_1.pth")), "already holds a run")
+    assert str(b) in line and {p.name: p.read_bytes() for p in b.glob("*.pth")} == before
+    fresh = tmp_path / "c"  # into an empty folder it continues run a there
+    r = train_cli(fresh, fake_data_dir, "--resume", str(a / "ckpt_1.pth"))
+    assert r.returncode == 0 and "done: epoch 2" in r.stdout, r.stderr[-1500:]
+
+
+def test_a_pause_or_a_loss_before_the_first_save_every_leaves_a_resumable_run(tmp_path, fake_data_dir):
+    out = tmp_path / "run"  # save every 5 epochs (the default), paused at 2: the folder must still resume
+    r = train_cli(out, fake_data_dir, "--stages", "0.1:3", "--stop-epoch", "2")
+    assert r.returncode == 0 and "paused: epoch 2" in r.stdout
+    assert utils.checkpoint_epochs(out) == [1, 2] and (out / "best.pth").is_file()
+    r = train_cli(out, fake_data_dir, "--resume")
+    assert r.returncode == 0 and "done: epoch 3" in r.stdout, r.stderr[-1500:]
+    lost = tmp_path / "lost"  # a session lost during epoch 2: epoch 1 is already a resume point
+    tiny_trainer(lost, stages=[(0.1, 4)], save_every=5).run_epoch()
+    assert utils.checkpoint_epochs(lost) == [1] and tiny_trainer(lost, stages=[(0.1, 4)], save_every=5).resume().epoch == 1
+
+
+def test_an_explicit_data_folder_without_the_data_is_an_error_not_a_fallback(tmp_path, fake_data_dir, monkeypatch):
+    monkeypatch.setenv("CIFAR10_DIR", str(fake_data_dir))
+    empty, half = tmp_path / "empty", tmp_path / "half"
+    empty.mkdir()
+    write_npy(half, make_fake_arrays(n_train=10, n_test=10))
+    for name in ("y_train.npy", "x_test.npy"):
+        (half / name).unlink()
+    with pytest.raises(FileNotFoundError, match="holds no copy of the data"):
+        utils.load_cifar10(empty)
+    one_line_error(train_cli(tmp_path / "r1", empty, "--stages", "0.1:1"), str(empty), "x_train.npy")
+    one_line_error(train_cli(tmp_path / "r2", half, "--stages", "0.1:1"), "lacks y_train.npy, x_test.npy")
+
+
+@pytest.mark.parametrize("images, words", [
+    (torch.zeros(2, 3, 32, 32, dtype=torch.int64), "dtype torch.int64"),
+    (torch.zeros(2, 3, 32, 32, dtype=torch.int32), "dtype torch.int32"),
+    (torch.full((2, 3, 32, 32), 200.0), "[0, 1]"),
+    (torch.full((2, 3, 32, 32), float("nan")), "NaN"),
+])
+def test_preprocess_refuses_what_it_would_misread(images, words):
+    """The hub's .preprocess is a Preprocess: int pixels or 0..255 floats gave chance-level predictions."""
+    with pytest.raises(ValueError) as e:
+        utils.Preprocess()(images)
+    assert words in str(e.value)
+
+
+def test_deleting_the_lock_file_does_not_admit_a_second_writer(tmp_path):
+    out = tmp_path / "run"
+    utils.RunFolder(out).lock()
+    (out / ".lock").unlink()
+    second = subprocess.run([sys.executable, "-c", f"import utils; utils.RunFolder({str(out)!r}).lock()"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert second.returncode != 0 and "in use by another training process" in second.stderr
+
+
+class _Anything:
+    pass
+
+
+def test_a_file_naming_code_counts_as_damaged_and_resume_falls_back_past_it(tmp_path, capsys):
+    trainer = tiny_trainer(tmp_path, stages=[(0.1, 3)])
+    trainer.fit(stop_epoch=2)
+    torch.save({"epoch": 2, "obj": _Anything()}, tmp_path / "ckpt_2.pth")  # as a bit flip in a class name reads
+    with pytest.raises(utils.DamagedCheckpointError) as e:
+        utils.load_checkpoint(tmp_path / "ckpt_2.pth")
+    assert "weights_only=False" not in str(e.value) and "damaged" in str(e.value)
+    assert tiny_trainer(tmp_path, stages=[(0.1, 3)]).resume().epoch == 1
+    assert "resuming from ckpt_1.pth instead" in capsys.readouterr().out
+
+
+def test_resume_on_other_data_is_a_recipe_difference(tmp_path, fake_data_dir):
+    out = tmp_path / "run"
+    assert train_cli(out, fake_data_dir, "--stages", "0.1:3", "--stop-epoch", "1").returncode == 0
+    one_line_error(train_cli(out, fake_data_dir, "--resume", "--limit-train", "100"), "data: recorded", "--override")
+    r = train_cli(out, fake_data_dir, "--resume", "--limit-train", "100", "--override")
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert "data: recorded" in utils.load_checkpoint(out / "ckpt_3.pth")["history"]["overrides"][0]
+
+
+def test_diverged_weights_are_never_saved(tmp_path):
+    trainer = tiny_trainer(tmp_path, stages=[(0.1, 3)])
+    trainer.run_epoch()
+    step, steps = trainer.optimizer.step, []
+
+    def poisoned_step(*args, **kwargs):  # every loss finite, then NaN weights after the last step: as lr 1e6 did
+        step(*args, **kwargs)
+        steps.append(1)
+        if len(steps) == len(trainer.train_loader):
+            trainer.net.bn1.weight.data.fill_(float("nan"))
+    trainer.optimizer.step = poisoned_step
+    with pytest.raises(utils.NonFiniteLossError, match="nothing was saved"):
+        trainer.run_epoch()
+    assert utils.checkpoint_epochs(tmp_path) == [1] and utils.load_checkpoint(tmp_path / "best.pth")["epoch"] == 1
+
+
+def test_resuming_a_model_file_or_past_the_schedule_says_what_it_is(tmp_path, fake_data_dir):
+    out = tmp_path / "run"
+    assert train_cli(out, fake_data_dir, "--stages", "0.1:3", "--save-every", "1", "--stop-epoch", "2").returncode == 0
+    one_line_error(train_cli(tmp_path / "other", fake_data_dir, "--resume", str(out / "best.pth")),
+                   "model to predict with", "ckpt_<epoch>.pth")
+    r = train_cli(out, fake_data_dir, "--resume", "--stages", "0.1:1", "--override")
+    assert r.returncode == 0 and "at epoch 2, past the end of the given schedule (epoch 1)" in r.stdout
