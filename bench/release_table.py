@@ -38,6 +38,19 @@ Each new run had its selection rule written down before it started: of all runs 
 validation accuracy becomes the release, whatever the test set says; a run that loses on validation is never
 measured on the test set. `python bench/release_table.py FILE` prints a row for any file pulled out of history."""
 
+# Each run's schedule and selection rule, written here before the run starts and kept; a run moves to the cards
+# above when it ends.
+PLANNED = """## Runs under way
+
+Each recipe and selection rule below was fixed before its run started. Selection: the epoch with the best
+validation accuracy (5,000 held-out training images) becomes the release file, whatever the test set says; the
+test set is measured once, on that file. A schedule is lengthened only if the last stage's validation accuracy is
+still rising in its final 5 epochs, by one more stage-three span at lr 0.001, noted in the history.
+
+| run | reproduces | recipe | folder |
+| --- | --- | --- | --- |
+| ResNet20, projection (option B) shortcuts, 272,474 parameters | the ResNet20 report: 92.07% test after 200 cosine epochs at weight decay 1e-4 | this project's ResNet20 release recipe: SGD momentum 0.9, batch 128, lr 0.1 / 0.01 / 0.001 to epochs 82 / 123 / 164, weight decay 5e-4, label smoothing 0.1, flips and 4-pixel crops, seed 0 | `checkpoints/resnet20b_run` |"""
+
 LIMITS = """## Known limits
 
 * The test figures are CIFAR-10's own test set, 10,000 images from the same distribution as the training images.
@@ -190,7 +203,7 @@ def card(measured):
             "`utils.Loaded_model(path).predict(x)` or `torch.hub.load(..., pretrained=True)` (see the project README).", ""]
     body = [card_section(path, measured[path]) for path in sorted(measured) if path != SPEEDRUN]
     body += [speedrun_card_section(SPEEDRUN, measured[SPEEDRUN])] if SPEEDRUN in measured else []
-    return "\n".join(head + body + ["## Superseded runs", "", SUPERSEDED, "", LIMITS, ""])
+    return "\n".join(head + body + [PLANNED, "", "## Superseded runs", "", SUPERSEDED, "", LIMITS, ""])
 
 
 def main():

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["PadShortcut", "BasicBlock", "PlainBlock", "PreActBlock", "PreActBottleneck", "ResNet",
-           "SpeedRunGroup", "SpeedRunNet", "build_model", "list_models", "input_size", "canonical_arch_options",
+           "SpeedRunGroup", "SpeedRunNet", "without_batch_norm", "build_model", "list_models", "input_size", "canonical_arch_options",
            "count_parameters", "count_macs", "layer_table", "strip_module_prefix", "find_state_dict", "guess_arch",
            "load_weights"]
 
@@ -248,13 +248,35 @@ def _speedrun_model(num_classes, options):
     return SpeedRunNet(num_classes, residual=residual)
 
 
+def without_batch_norm(model):
+    """The same network with every batch norm replaced by the identity (notebook 02's experiment: what batch norm
+    buys). Convolutions keep bias=False, so nothing else changes."""
+    for name, module in model.named_children():
+        if isinstance(module, nn.BatchNorm2d):
+            setattr(model, name, nn.Identity())
+        else:
+            without_batch_norm(module)
+    return model
+
+
 def build_model(name, num_classes=10, **options):
-    """A model by name (see list_models()); options: shortcut='A'|'B' for the 6n+2 family, residual for speedrun."""
+    """A model by name (see list_models()); options: shortcut='A'|'B' for the 6n+2 family, residual for speedrun,
+    batch_norm=False for any ResNet without its batch norms."""
     if name == "speedrun":
         return _speedrun_model(num_classes, options)
+    batch_norm = options.pop("batch_norm", True)
+    if not isinstance(batch_norm, bool):
+        raise TypeError(f"batch_norm must be True or False, got {batch_norm!r}")
+    model = _resnet(name, num_classes, options)
+    return model if batch_norm else without_batch_norm(model)
+
+
+def _resnet(name, num_classes, options):
+    """The ResNet family of build_model, by name."""
     shortcut = options.pop("shortcut", None)
     if options:
-        raise TypeError(f"unknown options {sorted(options)} for {name}; the only option is shortcut='A' or 'B'")
+        raise TypeError(f"unknown options {sorted(options)} for {name}; its options are shortcut='A' or 'B' and "
+                        "batch_norm=True or False")
     if shortcut not in (None, "A", "B"):
         raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
     imagenet_widths = [64, 128, 256, 512]
@@ -289,6 +311,8 @@ def input_size(name):
 def canonical_arch_options(arch, options):
     """Options with the default shortcut filled in, so that {} and {'shortcut': 'A'} name the same resnet20."""
     options = dict(options or {})
+    if arch != "speedrun":
+        options.setdefault("batch_norm", True)
     if _cifar_depth(arch, "resnet", 6):
         options.setdefault("shortcut", "A")
     elif arch in ("resnet18", "resnet18_imagenet"):

@@ -20,8 +20,10 @@ from sklearn.manifold import TSNE
 
 from .predict import expected_calibration_error
 
-__all__ = ["show_images", "plot_history", "plot_filters", "get_layer", "feature_maps", "grad_cam", "overlay",
-           "embed_features", "plot_error_curves", "draw_basic_block", "plot_reliability", "plot_per_class_accuracy"]
+__all__ = ["show_images", "lr_drops", "plot_history", "plot_filters", "get_layer", "feature_maps", "grad_cam",
+           "overlay",
+           "embed_features", "plot_error_curves", "plot_batch_norm_runs", "draw_basic_block", "plot_reliability",
+           "plot_per_class_accuracy"]
 
 def _as_hwc(img):
     """An H x W x 3 (or H x W) array from an image array or a 3 x H x W (or H x W) tensor."""
@@ -46,23 +48,45 @@ def show_images(images, titles=None, ncols=10, size=1.2):
     return fig
 
 
+def lr_drops(history, span=3):
+    """What each drop of the learning rate did, from a run's history: a dict per drop with the epoch it took
+    effect (1-based), the lr before and after, and the mean validation accuracy of the `span` epochs before and
+    after it (a mean, so one noisy epoch does not make or hide a jump)."""
+    lr, val = history["lr"], history["val_acc"]
+    drops = []
+    for i in range(1, len(lr)):
+        if lr[i] < lr[i - 1] * 0.5:  # a stage's drop, not a cosine schedule's small steps
+            before, after = val[max(0, i - span):i], val[i:i + span]
+            drops.append(dict(epoch=i + 1, lr_before=lr[i - 1], lr_after=lr[i], val_before=float(np.mean(before)),
+                              val_after=float(np.mean(after))))
+    return drops
+
+
 def plot_history(history, title=None):
-    """Training and validation loss and accuracy against epochs, stage boundaries and lr marked."""
+    """Training and validation loss and accuracy against epochs: each stage's lr, each drop with the change in
+    validation accuracy it made (lr_drops), and the best validation epoch, the one a run keeps."""
     epochs = np.asarray(history["epoch"]) + 1
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
         ax.plot(epochs, history[f"train_{key}"], label=f"train {key}")
         ax.plot(epochs, history[f"val_{key}"], label=f"validation {key}")
         for end in history.get("stage_ends", [])[:-1]:
             ax.axvline(end + 0.5, color="grey", linestyle=":", linewidth=1)
         ax.set_xlabel("epoch")
-        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    starts = [0] + [i for i in range(1, len(epochs)) if history["lr"][i] != history["lr"][i - 1]]
-    for i in starts:  # the lr of each stage, written where it begins
-        ax_acc.annotate(f"lr {history['lr'][i]:g}", (epochs[i], 0.02), xycoords=("data", "axes fraction"), fontsize=8)
+    for drop in lr_drops(history):  # the measured effect of each drop, written at the drop
+        gain = 100 * (drop["val_after"] - drop["val_before"])
+        ax_acc.annotate(f"lr {drop['lr_before']:g}→{drop['lr_after']:g}\nval {gain:+.1f} pts", (drop["epoch"], 0.42),
+                        xycoords=("data", "axes fraction"), fontsize=7.5, ha="center",
+                        bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="grey", alpha=0.85))
+    best = int(np.argmax(history["val_acc"]))
+    ax_acc.plot(epochs[best], history["val_acc"][best], marker="*", markersize=12, color="tab:red", linestyle="none",
+                label=f"best validation, epoch {epochs[best]}: kept")
     ax_loss.set_ylabel("cross-entropy")
     ax_acc.set_ylabel("accuracy")
+    ax_loss.legend(fontsize=8)
+    ax_acc.legend(fontsize=8, loc="lower right")
+    ax_acc.set_title(f"starting lr {history['lr'][0]:g}", fontsize=9)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -100,7 +124,8 @@ def feature_maps(model, x, layers):
 
 
 def grad_cam(model, x, layer, target=None):
-    """Grad-CAM maps (N x H x W at the input's size, non-negative, max 1) and the target classes (default: predicted)."""
+    """Grad-CAM maps (N x H x W at the input's size, non-negative, max 1) and the target classes (default:
+    predicted)."""
     store = {}
     handle = get_layer(model, layer).register_forward_hook(lambda m, i, out: store.__setitem__("act", out))
     try:
@@ -149,6 +174,31 @@ def plot_error_curves(runs, title=None):
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("error (%)")
     axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_batch_norm_runs(runs, title=None):
+    """Training loss and validation accuracy against epochs for {label: (history, batch_norm, lr)}: one colour per
+    lr, solid with batch norm, dashed without; a run that diverged ends where it did, marked with a cross."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    lrs = sorted({lr for _, _, lr in runs.values()}, reverse=True)
+    for label, (h, batch_norm, lr) in runs.items():
+        style = dict(color=plt.cm.tab10(lrs.index(lr)), linestyle="-" if batch_norm else "--")
+        epochs = np.arange(1, len(h["epoch"]) + 1)
+        for ax, key in ((ax_loss, "train_loss"), (ax_acc, "val_acc")):
+            ax.plot(epochs, h[key], label=label, marker="o", markersize=3, **style)
+            if h.get("diverged"):
+                ax.plot(epochs[-1:] if len(epochs) else [0.5], h[key][-1:] or [np.nan], marker="x", markersize=10,
+                        color=style["color"])
+    ax_loss.set_ylabel("training loss (augmented images)")
+    ax_acc.set_ylabel("validation accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    ax_acc.legend(fontsize=8, loc="lower right")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -66,5 +66,8 @@ def test_figures_and_overlay(model):
     assert out.shape == (32, 32, 3) and 0 <= out.min() and out.max() <= 1
     hist = {"epoch": [0, 1, 2], "lr": [0.1, 0.1, 0.01], "train_loss": [2, 1, 0.5], "val_loss": [2, 1.2, 0.8],
             "train_acc": [0.2, 0.5, 0.8], "val_acc": [0.2, 0.45, 0.7], "stage_ends": [2, 3]}
+    assert utils.lr_drops(hist) == [dict(epoch=3, lr_before=0.1, lr_after=0.01, val_before=0.325, val_after=0.7)]
     fig = utils.plot_history(hist)
-    assert len(fig.axes) == 2 and len(fig.axes[1].texts) == 2  # one lr label per stage
+    texts = [t.get_text() for t in fig.axes[1].texts]
+    assert len(fig.axes) == 2 and texts == ["lr 0.1→0.01\nval +37.5 pts"]  # each drop with what it did
+    assert "best validation, epoch 3: kept" in fig.axes[1].get_legend_handles_labels()[1]
