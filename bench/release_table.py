@@ -49,7 +49,10 @@ still rising in its final 5 epochs, by one more stage-three span at lr 0.001, no
 
 | run | reproduces | recipe | folder |
 | --- | --- | --- | --- |
-| ResNet20, projection (option B) shortcuts, 272,474 parameters | the ResNet20 report: 92.07% test after 200 cosine epochs at weight decay 1e-4 | this project's ResNet20 release recipe: SGD momentum 0.9, batch 128, lr 0.1 / 0.01 / 0.001 to epochs 82 / 123 / 164, weight decay 5e-4, label smoothing 0.1, flips and 4-pixel crops, seed 0 | `checkpoints/resnet20b_run` |"""
+| ResNet20, projection (option B) shortcuts, 272,474 parameters | the ResNet20 report: 92.07% test after 200 cosine epochs at weight decay 1e-4 | this project's ResNet20 release recipe: SGD momentum 0.9, batch 128, lr 0.1 / 0.01 / 0.001 to epochs 82 / 123 / 164, weight decay 5e-4, label smoothing 0.1, flips and 4-pixel crops, seed 0 | `checkpoints/resnet20b_run` (started) |
+| ResNet v1, 110 layers (standard blocks, 18 a stage, projection shortcuts) | the ResNet v1/v2 report: 89.81% with Adam | SGD momentum 0.9, batch 128, lr 0.1 / 0.01 / 0.001 to epochs 25 / 38 / 50, weight decay 5e-4, flips and 4-pixel crops, seed 0 | `checkpoints/resnet110b_run` (not started) |
+| ResNet v2, 164 layers (pre-activation bottleneck blocks, 18 a stage) | the same report: 87.29% with Adam; its companion: 86.04% with SGD | as ResNet v1 | `checkpoints/preact_resnet164_run` (not started) |
+| ResNet18, ImageNet layout (7 × 7 stride-2 stem, max-pool), images resized to 224 | the 224-pixel ResNet18 report: 88.0% after 20 epochs at batch 64 | SGD momentum 0.9, batch 128, lr 0.1 / 0.01 / 0.001 to epochs 8 / 12 / 15, weight decay 5e-4, flips and 4-pixel crops before the resize, seed 0 | `checkpoints/resnet18_imagenet_run` (not started) |"""
 
 LIMITS = """## Known limits
 

@@ -21,7 +21,7 @@ from sklearn.manifold import TSNE
 from .predict import expected_calibration_error
 
 __all__ = ["show_images", "lr_drops", "plot_history", "plot_filters", "get_layer", "feature_maps", "grad_cam",
-           "overlay",
+           "overlay", "plot_grad_cam",
            "embed_features", "plot_error_curves", "plot_batch_norm_runs", "draw_basic_block", "plot_reliability",
            "plot_per_class_accuracy"]
 
@@ -66,7 +66,7 @@ def plot_history(history, title=None):
     """Training and validation loss and accuracy against epochs: each stage's lr, each drop with the change in
     validation accuracy it made (lr_drops), and the best validation epoch, the one a run keeps."""
     epochs = np.asarray(history["epoch"]) + 1
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
         ax.plot(epochs, history[f"train_{key}"], label=f"train {key}")
         ax.plot(epochs, history[f"val_{key}"], label=f"validation {key}")
@@ -141,10 +141,32 @@ def grad_cam(model, x, layer, target=None):
     return cam / cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1), target
 
 
-def overlay(image, cam, alpha=0.5):
-    """An H x W x 3 uint8 image blended with a heat map of `cam` (H x W in [0, 1])."""
-    heat = matplotlib.colormaps["jet"](np.asarray(cam))[..., :3]
+CAM_COLORMAP = "inferno"  # dark to bright in one hue ramp: reads in print and for colour-blind readers, unlike jet
+
+
+def overlay(image, cam, alpha=0.45):
+    """An H x W x 3 uint8 image blended with a heat map of `cam` (H x W in [0, 1]); alpha < 0.5 keeps the image
+    readable under the map."""
+    heat = matplotlib.colormaps[CAM_COLORMAP](np.asarray(cam))[..., :3]
     return (1 - alpha) * np.asarray(image) / 255 + alpha * heat
+
+
+def plot_grad_cam(images, cams, titles, ncols=8, size=1.3):
+    """Rows of images, each above its Grad-CAM overlay, and one colour bar for the map (0: no evidence, 1: the
+    image's strongest); images are H x W x 3 uint8, cams N x H x W in [0, 1]."""
+    n = len(images)
+    rows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(2 * rows, ncols, figsize=(ncols * size + 0.8, 2 * rows * size * 1.12), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k in range(n):
+        top, bottom = axes[2 * (k // ncols), k % ncols], axes[2 * (k // ncols) + 1, k % ncols]
+        top.imshow(np.asarray(images[k]), interpolation="nearest")
+        top.set_title(titles[k], fontsize=7)
+        bottom.imshow(overlay(images[k], np.asarray(cams[k])), interpolation="nearest")
+    scale = plt.cm.ScalarMappable(cmap=CAM_COLORMAP, norm=matplotlib.colors.Normalize(0, 1))
+    fig.colorbar(scale, ax=axes.ravel().tolist(), fraction=0.015, pad=0.01, label="Grad-CAM (per image)")
+    return fig
 
 
 @torch.no_grad()

@@ -44,13 +44,16 @@ def test_search_order_root_then_env_then_data_dir(tmp_path, fake_arrays, no_defa
 
 def test_nothing_found_lists_every_place(tmp_path, no_default_places, monkeypatch):
     monkeypatch.setenv("CIFAR10_DIR", str(tmp_path / "env_dir"))
-    (tmp_path / "root_dir").mkdir()
     with pytest.raises(FileNotFoundError) as e:
-        utils.load_cifar10(tmp_path / "root_dir", download=False)
+        utils.load_cifar10(download=False)
     msg = str(e.value)
-    for place in ("root_dir", "env_dir", str(no_default_places)):
+    for place in ("env_dir", str(no_default_places)):
         assert place in msg
     assert "CIFAR10_DIR" in msg and "x_train.npy" in msg
+    (tmp_path / "root_dir").mkdir()  # a folder named explicitly is the only place searched
+    with pytest.raises(FileNotFoundError) as e:
+        utils.load_cifar10(tmp_path / "root_dir", download=False)
+    assert "root_dir holds no copy of the data" in str(e.value) and "env_dir" not in str(e.value)
 
 
 def test_failed_download_is_reported(no_default_places, monkeypatch):
