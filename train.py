@@ -24,7 +24,7 @@ import utils
 # values the checkpoint recorded
 RECIPE_FLAGS = {"stages": "stages", "batch_size": "batch_size", "wd": "weight_decay", "optimizer": "optimizer",
                 "nesterov": "nesterov", "schedule": "schedule", "label_smoothing": "label_smoothing", "std": "std",
-                "patience": "patience", "min_delta": "min_delta", "seed": "seed"}
+                "patience": "patience", "min_delta": "min_delta", "seed": "seed", "input_size": "input_size"}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -68,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--schedule", choices=["staged", "cosine"])
     p.add_argument("--label-smoothing", type=finite_float, help="cross-entropy label smoothing (the ResNet20 release: 0.1)")
     p.add_argument("--std", choices=["common", "true"], help="normalization std: the common (0.2023, ...) or the measured")
+    p.add_argument("--input-size", type=positive_int,
+                   help="pixels a side to resize to (default: the architecture's own, 224 for resnet18_imagenet)")
     p.add_argument("--precision", choices=utils.PRECISIONS, default="auto")
     p.add_argument("--patience", type=positive_int, help="end a stage after this many epochs without val improvement")
     p.add_argument("--min-delta", type=finite_float)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["PadShortcut", "BasicBlock", "PlainBlock", "PreActBlock", "PreActBottleneck", "ResNet",
-           "SpeedRunGroup", "SpeedRunNet", "without_batch_norm", "build_model", "list_models", "input_size", "canonical_arch_options",
+           "SpeedRunGroup", "SpeedRunNet", "without_batch_norm", "build_model", "list_models", "input_size",
+           "canonical_arch_options",
            "count_parameters", "count_macs", "layer_table", "strip_module_prefix", "find_state_dict", "guess_arch",
            "load_weights"]
 

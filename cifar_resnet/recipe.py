@@ -42,6 +42,8 @@ class TrainConfig:
     seed: int = 0
     val_size: int = 5000  # images of the training set held out for selection
     std: str = "common"  # the normalization's std: "common" (0.2023, ...) or "true" (0.2470, ...)
+    input_size: int | None = None  # pixels a side the images are resized to; None: the architecture's own (224
+    # for resnet18_imagenet, else 32), so resnet18_imagenet with 32 trains on CIFAR's own size
     save_every: int = 5  # epochs between resume checkpoints (stage ends are always saved)
     keep_last: int = 3  # resume checkpoints kept besides the stage ends
     patience: int | None = None  # stop a stage when val acc has not improved by min_delta in this many epochs
@@ -66,10 +68,13 @@ class TrainConfig:
         if self.std not in STDS:
             raise ValueError(f"std must be one of {', '.join(map(repr, STDS))}; got {self.std!r}")
         check_precision(self.precision)
+        if self.input_size is not None and not (isinstance(self.input_size, int) and self.input_size >= 32):
+            raise ValueError("input_size must be a whole number of pixels, at least 32, or None; "
+                             f"got {self.input_size!r}")
 
     def preprocess(self):
         """The Preprocess this run trains with."""
-        return Preprocess(std=STDS[self.std], size=input_size(self.arch))
+        return Preprocess(std=STDS[self.std], size=self.input_size or input_size(self.arch))
 
 
 def parse_stages(specs):
@@ -109,7 +114,7 @@ def make_optimizer(model, cfg):
 
 
 RECIPE_FIELDS = ("arch", "arch_options", "stages", "batch_size", "optimizer", "momentum", "weight_decay", "nesterov",
-                 "schedule", "label_smoothing", "seed", "val_size", "std", "patience", "min_delta")
+                 "schedule", "label_smoothing", "seed", "val_size", "std", "input_size", "patience", "min_delta")
 
 
 def recipe_differences(recorded, cfg):

@@ -156,7 +156,8 @@ def runtime_summary():
         bf16 = (f"bf16 instructions, bf16 matmul {cpu_bf16_speedup():.1f}x fp32" if cpu_has_native_bf16()
                 else "no bf16 instructions")
         name = cpu_fields().get("model name", platform.processor() or "unknown")
-        where = f"CPU {name}, {torch.get_num_threads()} threads, {bf16}"
+        threads = torch.get_num_threads()
+        where = f"CPU {name}, {threads} thread{'s' * (threads != 1)}, {bf16}"
     return f"torch {torch.__version__} | {where} | precision {resolve_precision(device)}"
 
 

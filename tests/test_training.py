@@ -229,3 +229,18 @@ def test_quick_mode_shrinks_runs_only_under_cifar_quick(monkeypatch):
     assert Path(run_dir).is_dir() and not any(Path(run_dir).iterdir())
     assert quick.shrink_run_for_tests(cfg, data, "run")[2] == run_dir  # the same stand-in: later cells resume
     assert [len(a) for a in quick.shrink_images_for_tests(np.arange(5000))] == [1000]
+
+
+def test_input_size_trains_the_imagenet_layout_at_cifars_own_size(tmp_path):
+    """The 224-pixel report's network, trained without resizing: the comparison run of the ImageNet layout."""
+    assert utils.TrainConfig(arch="resnet18_imagenet").preprocess().size == 224
+    cfg = utils.TrainConfig(arch="resnet18_imagenet", input_size=32, stages=[(0.1, 1)], batch_size=32,
+                            precision="fp32")
+    assert cfg.preprocess().size == 32
+    x, y, xv, yv = tiny_data(64)
+    trainer = utils.Trainer(cfg, (x, y, xv[:32], yv[:32]), tmp_path, "cpu", progress=False)
+    trainer.fit()
+    assert utils.load_checkpoint(tmp_path / "best.pth")["preprocess"]["size"] == 32
+    assert utils.Loaded_model(tmp_path / "best.pth").predict(x[:4], verbose=False).shape == (4,)
+    with pytest.raises(ValueError, match="input_size"):
+        utils.TrainConfig(input_size=16)
