@@ -27,7 +27,8 @@ except ImportError:  # Windows has no flock: run folders are then unguarded
 
 __all__ = ["DIGEST_KEY", "DamagedCheckpointError", "UnsafeCheckpointError", "RunFolderError", "payload_digest",
            "file_sha256",
-           "atomic_write", "write_json", "save_checkpoint", "load_checkpoint", "check_weights", "checkpoint_epochs",
+           "atomic_write", "write_json", "save_checkpoint", "load_checkpoint", "nonfinite_entries", "check_weights",
+           "checkpoint_epochs",
            "latest_checkpoint", "readable_checkpoints", "to_cpu", "release_payload", "export_release", "RunFolder",
            "save_history", "load_history"]
 
@@ -143,11 +144,16 @@ def load_checkpoint(path):
     return ckpt
 
 
+def nonfinite_entries(state_dict):
+    """Names of the floating tensors that hold NaN or infinite values."""
+    return [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+
+
 def check_weights(state_dict, source):
     """Refuse weights that cannot be a trained network's: non-finite values, negative batch-norm variances."""
+    if bad := nonfinite_entries(state_dict):
+        raise DamagedCheckpointError(f"{source}: {bad[0]} holds NaN or infinite values; these weights cannot predict")
     for k, v in state_dict.items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise DamagedCheckpointError(f"{source}: {k} holds NaN or infinite values; these weights cannot predict")
         if k.endswith("running_var") and (v < 0).any():
             raise DamagedCheckpointError(f"{source}: {k} holds negative variances; the file is damaged")
     return state_dict

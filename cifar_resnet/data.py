@@ -222,10 +222,16 @@ def as_image_batch(x, size=32):
         return x
     if not x.is_floating_point():
         raise ValueError(f"expected {expected}; got dtype {x.dtype}")
-    if not torch.isfinite(x).all():
-        raise ValueError("images contain NaN or infinite values")
-    if x.min() < 0 or x.max() > 1:
-        raise ValueError(f"float images must lie in [0, 1]; got values in [{x.min():.3g}, {x.max():.3g}]")
+    return _check_float_pixels(x)
+
+
+def _check_float_pixels(x):
+    """`x` itself, unless it is a float batch with NaN, infinite or out-of-[0, 1] values (refused, never clipped)."""
+    if x.is_floating_point() and len(x):
+        if not torch.isfinite(x).all():
+            raise ValueError("images contain NaN or infinite values")
+        if x.min() < 0 or x.max() > 1:
+            raise ValueError(f"float images must lie in [0, 1]; got values in [{x.min():.3g}, {x.max():.3g}]")
     return x
 
 # ----------------------------------------------------------------------------- normalization (notebook 01)
@@ -244,10 +250,7 @@ class Preprocess:
         """Float N x 3 x size x size batch from uint8 (0..255) or float (0..1) images; anything else is refused."""
         if x.dtype != torch.uint8 and not x.is_floating_point():  # int64 pixels would be read as 0..1 floats
             raise ValueError(f"expected uint8 pixels 0..255 or floats in [0, 1]; got dtype {x.dtype}")
-        if x.is_floating_point() and len(x) and (x.min() < 0 or x.max() > 1):  # NaN fails both comparisons
-            raise ValueError(f"float images must lie in [0, 1]; got values in [{x.min():.3g}, {x.max():.3g}]")
-        if x.is_floating_point() and not torch.isfinite(x).all():
-            raise ValueError("images contain NaN or infinite values")
+        _check_float_pixels(x)
         x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
         if x.shape[-1] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)

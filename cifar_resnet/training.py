@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoints import (RunFolder, check_weights, latest_checkpoint, load_checkpoint, readable_checkpoints,
-                          release_payload, to_cpu)
+from .checkpoints import (RunFolder, check_weights, latest_checkpoint, load_checkpoint, nonfinite_entries,
+                          readable_checkpoints, release_payload, to_cpu)
 from .data import CLASSES, BatchLoader, data_fingerprint, describe_data
 from .models import build_model, canonical_arch_options
 from .quick import shrink_run_for_tests
@@ -329,7 +329,7 @@ class Trainer:
 
     def _check_finite(self, val):
         """Stop before saving weights that cannot predict: a finite training loss can still leave NaN weights."""
-        bad = [k for k, v in self.net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        bad = nonfinite_entries(self.net.state_dict())
         if bad or not math.isfinite(val["loss"]):
             what = f"{bad[0]} holds NaN or infinite values" if bad else f"validation loss is {val['loss']}"
             raise NonFiniteLossError(f"epoch {self.epoch + 1} diverged ({what}) at lr "
