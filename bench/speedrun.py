@@ -9,11 +9,19 @@ Run it on an otherwise idle machine, one run at a time.
 
 With --json, each finished run is written at once; an existing file whose recipe matches is continued (its runs are
 kept and the next seed values run), so a long protocol can span sessions and machines (each run keeps its own peak).
+
+    python bench/speedrun.py --peer airbench94 [--runs 1] [--json checkpoints/speedrun_peer.json]
+
+With --peer, each seed trains airbench's own code first (the `airbench` package from PyPI, run on the CPU as
+bench/peer.py describes) and then ours, in the same process on the same arrays, and prints both accuracies, both
+times and the ratio of the times.
 """
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
+import peer  # noqa: E402
 
 REFERENCE_GFLOPS = 800  # the budget's machine: 2 cores of an AMD EPYC family 26, bf16
 
@@ -48,11 +57,17 @@ def measured_peaks(device="cpu"):
 
 
 def summarize(results):
-    """Mean and standard deviation of the reported accuracy over the runs, into `results`."""
+    """Mean and standard deviation of the reported accuracy over the runs, into `results` (with a peer: of both,
+    and the mean ratio of the times)."""
     key = results["reported"]
-    accs = [r[key] for r in results["runs"]]
-    results["mean_acc"] = statistics.mean(accs)
-    results["std_acc"] = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    sides = {"": results["runs"]} if "peer" not in results else {
+        "peer_": [r["peer"] for r in results["runs"]], "": [r["ours"] for r in results["runs"]]}
+    for prefix, runs in sides.items():
+        accs = [r[key] for r in runs]
+        results[f"{prefix}mean_acc"] = statistics.mean(accs)
+        results[f"{prefix}std_acc"] = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    if "peer" in results:
+        results["mean_time_ratio"] = statistics.mean(r["time_ratio"] for r in results["runs"])
     return results
 
 
@@ -73,6 +88,17 @@ def one_run(cfg, device, peaks, data_dir, save=None):
     return run
 
 
+def peer_run(name, cfg, peaks, data_dir, folder):
+    """airbench's `name` and then our recipe on the same arrays, one seed; both results and the time ratio."""
+    x, y, x_test, y_test = utils.load_cifar10(data_dir)
+    precision = utils.resolve_precision("cpu", cfg.precision)
+    peer.write_peer_data(folder, x, y, x_test, y_test, utils.CLASSES)
+    theirs = peer.run_peer(name, folder, precision, seed=cfg.seed)
+    theirs["seconds_at_800"] = theirs["seconds"] * peaks[precision] / REFERENCE_GFLOPS
+    ours = one_run(cfg, "cpu", peaks, data_dir)
+    return dict(seed=cfg.seed, peer=theirs, ours=ours, time_ratio=ours["seconds"] / theirs["seconds"])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=5, help="number of runs, with seed 0 to N-1 (default 5)")
@@ -81,18 +107,22 @@ def main():
     p.add_argument("--json", type=Path, help="write (and continue) the results here")
     p.add_argument("--save", type=Path, help="write seed 0's model here as a release file")
     p.add_argument("--data", help="CIFAR-10 folder (else CIFAR10_DIR, data/)")
+    p.add_argument("--peer", choices=sorted(peer.PEERS), help="also train the peer's own code, seed by seed")
     args = p.parse_args()
     if args.runs < 1 or args.epochs <= 0:
         p.error(f"--runs must be at least 1 and --epochs above 0; got {args.runs} and {args.epochs}")
     if utils.find_cifar10(args.data) is None:
         p.error("no CIFAR-10 found: give --data FOLDER or set CIFAR10_DIR (the folder of x_train.npy ...)")
     device = utils.get_device(args.device)
+    if args.peer and (device.type != "cpu" or args.save or importlib.util.find_spec("airbench") is None):
+        p.error("--peer runs on the CPU, without --save, and needs the airbench package (requirements-dev.txt)")
     recipe = asdict(utils.SpeedRunConfig(epochs=args.epochs))
-    results = {"recipe": recipe, "runs": []}
+    results = {"recipe": recipe, "runs": []} | ({"peer": args.peer} if args.peer else {})
     if args.json and args.json.exists():
         results = json.loads(args.json.read_text())
-        if results.get("recipe") != recipe:
-            p.error(f"{args.json} holds runs of another recipe; choose another --json file (nothing is overwritten)")
+        if results.get("recipe") != recipe or results.get("peer") != args.peer:
+            p.error(f"{args.json} holds runs of another recipe or peer; choose another --json file "
+                    "(nothing is overwritten)")
     seed_0_runs = 0 not in {r["seed"] for r in results["runs"]}  # --save applies to seed 0's run only
     if args.save and seed_0_runs and args.save.exists():
         p.error(f"{args.save} exists; move it away or choose another --save path (nothing is overwritten)")
@@ -107,14 +137,29 @@ def main():
         if seed in done:
             continue
         cfg = utils.SpeedRunConfig(**{**recipe, "seed": seed})
-        run = one_run(cfg, device, peaks, args.data, args.save if seed == 0 else None)
-        print(f"seed {seed}: test {run['test_acc']:.4f}, with {cfg.tta} views {run['test_acc_tta']:.4f} | "
-              f"{run['seconds']:.0f} s wall, {run['seconds_at_800']:.0f} s at {REFERENCE_GFLOPS} GFLOP/s", flush=True)
+        if args.peer:
+            with tempfile.TemporaryDirectory() as folder:
+                run = peer_run(args.peer, cfg, peaks, args.data, folder)
+            print(f"seed {seed}: {args.peer} {run['peer']['test_acc_tta']:.4f} in {run['peer']['seconds']:.0f} s, "
+                  f"ours {run['ours']['test_acc_tta']:.4f} in {run['ours']['seconds']:.0f} s (both with their "
+                  f"views); our time / theirs {run['time_ratio']:.2f}", flush=True)
+        else:
+            run = one_run(cfg, device, peaks, args.data, args.save if seed == 0 else None)
+            print(f"seed {seed}: test {run['test_acc']:.4f}, with {cfg.tta} views {run['test_acc_tta']:.4f} | "
+                  f"{run['seconds']:.0f} s wall, {run['seconds_at_800']:.0f} s at {REFERENCE_GFLOPS} GFLOP/s",
+                  flush=True)
         results["runs"].append(run)
         results["runs"].sort(key=lambda r: r["seed"])
         if args.json:
             utils.write_json(summarize(results), args.json)
     summarize(results)
+    if args.peer:
+        print(f"\n| seed | {args.peer} with its views | ours with ours | {args.peer} s | ours s | ours / theirs |")
+        print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in results["runs"]:
+            print(f"| {r['seed']} | {r['peer']['test_acc_tta']:.2%} | {r['ours']['test_acc_tta']:.2%} | "
+                  f"{r['peer']['seconds']:.0f} | {r['ours']['seconds']:.0f} | {r['time_ratio']:.2f} |")
+        return
     print(f"\n| seed | test acc | test acc ({recipe['tta']}) | wall s | s at {REFERENCE_GFLOPS} GFLOP/s |")
     print("| ---: | ---: | ---: | ---: | ---: |")
     for r in results["runs"]:

@@ -261,12 +261,15 @@ def draw_basic_block():
 
 
 def plot_reliability(proba, y_true, bins=15, label="model"):
-    """Reliability diagram: accuracy against confidence of the predicted class, with the ECE in the legend."""
-    conf, correct = proba.max(1), (proba.argmax(1) == np.asarray(y_true)).astype(int)
-    acc, mean_conf = calibration_curve(correct, conf, n_bins=bins, strategy="uniform")
+    """Reliability diagram: accuracy against confidence of the predicted class, with the ECE in the legend.
+    `proba` is one model's N x 10 probabilities, or {label: probabilities} to draw several models on one plot."""
+    curves = proba if isinstance(proba, dict) else {label: proba}
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
-    ax.plot(mean_conf, acc, marker="o", label=f"{label} (ECE {expected_calibration_error(proba, y_true, bins):.3f})")
+    for name, p in curves.items():
+        conf, correct = p.max(1), (p.argmax(1) == np.asarray(y_true)).astype(int)
+        acc, mean_conf = calibration_curve(correct, conf, n_bins=bins, strategy="uniform")
+        ax.plot(mean_conf, acc, marker="o", label=f"{name} (ECE {expected_calibration_error(p, y_true, bins):.3f})")
     ax.set_xlabel("confidence (probability of the predicted class)")
     ax.set_ylabel("accuracy")
     ax.legend(fontsize=8, loc="upper left")

@@ -22,8 +22,8 @@ from .training import NonFiniteLossError
 from .views import check_tta, tta_accuracy
 
 __all__ = ["SpeedRunConfig", "SPEEDRUN_TRICKS", "without_trick", "whitening_filters", "speedrun_lr_factor",
-           "speedrun_optimizer", "Lookahead", "speedrun_flips", "speedrun_inputs", "speedrun_scores", "speedrun",
-           "speedrun_checkpoint"]
+           "newton_schulz", "Muon", "Optimizers", "speedrun_optimizer", "Lookahead", "speedrun_flips",
+           "speedrun_inputs", "speedrun_scores", "speedrun", "speedrun_checkpoint"]
 
 # The learning rate and weight decay are in airbench's units. Its loss is summed over the batch, not averaged,
 # and its lr is given per 1,024 images with momentum's gain 1 / (1 - momentum) divided out, so one number keeps
@@ -53,6 +53,9 @@ class SpeedRunConfig:
     translate: int = 2  # random shifts of up to this many pixels with reflected borders (0: none)
     tta: str = "flip_translate"  # the views the test accuracy averages: "none", "flip" or "flip_translate"
     residual: bool = True  # shortcut around each group's second convolution
+    muon: bool = False  # convolution filters step by Muon (orthogonalized momentum), the rest by SGD as above
+    muon_lr: float = 0.24  # Muon's step: each filter bank moves this far, relative to its norm sqrt(out channels)
+    muon_momentum: float = 0.6
     precision: str = "auto"
     seed: int = 0
 
@@ -90,16 +93,77 @@ def speedrun_lr_factor(cfg, step, total):
     return 0.2 + 0.8 * step / top if step < top else (total - step) / (total - top)
 
 
+def newton_schulz(grad, steps=5, eps=1e-7):
+    """The nearest semi-orthogonal matrix to a 2-D `grad` (its singular values pushed towards 1), by five steps of
+    the quintic Newton-Schulz iteration of Keller Jordan's Muon (coefficients from its post, 2024)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = grad.float() / (grad.norm() + eps)
+    wide = x.size(0) <= x.size(1)
+    x = x if wide else x.T  # iterate on the smaller Gram matrix
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x if wide else x.T
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum whose update is orthogonalized per filter bank (airbench94_muon's optimizer for convolutions).
+
+    Each step first rescales the filters to norm sqrt(out channels), so the lr is a relative step size; the
+    Nesterov momentum of the gradients, flattened to (out channels, in x kh x kw), is replaced by its nearest
+    semi-orthogonal matrix: every direction of the update moves by the same amount.
+    """
+
+    def __init__(self, params, lr, momentum, nesterov=True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                buf.mul_(group["momentum"]).add_(p.grad)
+                grad = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+                p.mul_(len(p) ** 0.5 / p.norm())
+                p.add_(newton_schulz(grad.reshape(len(grad), -1)).view_as(p), alpha=-group["lr"])
+
+
+class Optimizers:
+    """Several optimizers stepped as one: their param_groups in one list, one zero_grad, one step."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+        self.param_groups = [group for opt in optimizers for group in opt.param_groups]
+
+    def zero_grad(self, set_to_none=True):
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self):
+        for opt in self.optimizers:
+            opt.step()
+
+
 def speedrun_optimizer(net, cfg):
-    """Nesterov SGD in airbench's units: batch-norm biases at bias_lr_scale x the lr, the same decay per image."""
+    """Nesterov SGD in airbench's units: batch-norm biases at bias_lr_scale x the lr, the same decay per image;
+    with cfg.muon, the trainable convolution filters go to Muon instead."""
     kilostep = 1024 * (1 + 1 / (1 - cfg.momentum))
     lr, decay = cfg.lr / kilostep, cfg.weight_decay * cfg.batch_size / kilostep
-    biases = [p for n, p in net.named_parameters() if ".bn" in n and n.endswith("bias")]
-    others = [p for n, p in net.named_parameters() if p.requires_grad and not (".bn" in n and n.endswith("bias"))]
+    trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    filters = [p for n, p in trainable if cfg.muon and p.ndim == 4]
+    biases = [p for n, p in trainable if ".bn" in n and n.endswith("bias")]
+    others = [p for n, p in trainable if not (".bn" in n and n.endswith("bias") or cfg.muon and p.ndim == 4)]
     scale = cfg.bias_lr_scale if cfg.frozen_bn_weights else 1.0
     groups = [dict(params=biases, lr=lr * scale, weight_decay=decay / (lr * scale), base_lr=lr * scale),
               dict(params=others, lr=lr, weight_decay=decay / lr, base_lr=lr)]
-    return torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    sgd = torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if not cfg.muon:
+        return sgd
+    muon = Muon(filters, lr=cfg.muon_lr, momentum=cfg.muon_momentum)
+    muon.param_groups[0]["base_lr"] = cfg.muon_lr
+    return Optimizers(sgd, muon)
 
 
 class Lookahead:

@@ -183,4 +183,4 @@ def test_setup_without_project_or_address_says_what_to_do(colab):
     nb.cells = [setup]
     with pytest.raises(CellExecutionError) as e:
         NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(work)}}).execute()
-    assert "Paste the address" in str(e.value) and "MyDrive/cifar10-resnet" in str(e.value)
+    assert "paste its GitHub address into REPO_URL" in str(e.value)

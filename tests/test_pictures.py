@@ -1,5 +1,6 @@
 """The picture helpers: shapes, value ranges, hooks removed, helpful errors."""
 import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -71,3 +72,18 @@ def test_figures_and_overlay(model):
     texts = [t.get_text() for t in fig.axes[1].texts]
     assert len(fig.axes) == 2 and texts == ["lr 0.1→0.01\nval +37.5 pts"]  # each drop with what it did
     assert "best validation, epoch 3: kept" in fig.axes[1].get_legend_handles_labels()[1]
+
+
+def test_reliability_diagram_draws_each_model_with_its_own_ece():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, 500)
+    sure = np.full((500, 10), 0.001)
+    sure[np.arange(500), y] = 1 - 0.009  # right and certain: ECE near 0
+    unsure = np.full((500, 10), 0.1)  # uniform: confidence 0.1 against accuracy about 0.1
+    fig = utils.plot_reliability({"sure": sure, "unsure": unsure}, y)
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert labels[0] == "perfect calibration" and len(labels) == 3
+    assert labels[1].startswith("sure (ECE 0.00") and labels[2].startswith("unsure (ECE")
+    single = utils.plot_reliability(sure, y, label="one")
+    assert [line.get_label() for line in single.axes[0].get_lines()][1].startswith("one (ECE")
+    plt.close("all")

@@ -231,3 +231,95 @@ def test_ablation_scores_the_tta_row_from_the_full_run_and_keeps_finished_rows(t
     second = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert second.returncode == 0 and "---" not in second.stdout and second.stdout.count("kept") == 2
     assert out.read_text() == written
+
+
+# ---- Muon (tier 94's optimizer for the convolution filters) --------------------------------------------------
+
+def test_newton_schulz_orthogonalizes_wide_and_tall_matrices():
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(144, 16))
+    v, _ = torch.linalg.qr(torch.randn(16, 16))
+    wide = v @ torch.diag(torch.logspace(-1, 1, 16)) @ u.T  # singular values 0.1 to 10: a spread of 100
+    for grad in (wide, wide.T):
+        ortho = utils.newton_schulz(grad)
+        singular = torch.linalg.svdvals(ortho)
+        assert ortho.shape == grad.shape
+        assert 0.5 < singular.min() and singular.max() < 1.3  # every direction moves about as far
+        exact = torch.linalg.svd(grad, full_matrices=False)
+        polar = exact.U @ exact.Vh  # the exact nearest semi-orthogonal matrix
+        assert torch.nn.functional.cosine_similarity(ortho.flatten(), polar.flatten(), dim=0) > 0.95
+
+
+def test_muon_steps_filters_by_an_orthogonalized_update_and_sgd_the_rest():
+    net = utils.build_model("speedrun")
+    cfg = utils.SpeedRunConfig(muon=True, muon_momentum=0.0)
+    opt = utils.speedrun_optimizer(net, cfg)
+    conv = net.layer2.conv2.weight
+    muon_params = {id(p) for group in opt.optimizers[1].param_groups for p in group["params"]}
+    sgd_params = {id(p) for group in opt.optimizers[0].param_groups for p in group["params"]}
+    assert id(conv) in muon_params and id(net.linear.weight) in sgd_params and not muon_params & sgd_params
+    assert {id(p) for p in net.parameters()} == muon_params | sgd_params
+    before = conv.detach().clone()
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    conv.grad *= torch.logspace(-1, 1, len(conv)).view(-1, 1, 1, 1)  # rows of very different sizes
+    assert (lambda sv: sv.max() / sv.min())(torch.linalg.svdvals(conv.grad.reshape(len(conv), -1))) > 20
+    opt.step()
+    rescaled = before * len(before) ** 0.5 / before.norm()
+    update = (rescaled - conv.detach()).reshape(len(conv), -1) / cfg.muon_lr
+    singular = torch.linalg.svdvals(update)
+    assert singular.max() / singular.min() < 2.5  # orthogonalized: the gradient's spread is gone
+    sgd_only = utils.speedrun_optimizer(utils.build_model("speedrun"), utils.SpeedRunConfig())
+    assert isinstance(sgd_only, torch.optim.SGD)  # the switch off: today's recipe, one SGD
+
+
+def test_speedrun_with_muon_trains(tmp_path):
+    x, y, _, _ = make_fake_arrays(256)
+    cfg = utils.SpeedRunConfig(epochs=2, batch_size=64, whiten_bias_epochs=1, muon=True, precision="fp32")
+    result = utils.speedrun(cfg, x, y, log=None)
+    losses = result["history"]["train_loss"]
+    assert all(np.isfinite(losses)) and losses[1] < losses[0]
+
+
+# ---- the peer's own code on the CPU (bench/peer.py) ------------------------------------------------------------
+
+sys.path.insert(0, str(ROOT / "bench"))
+import peer  # noqa: E402
+
+
+def torch_entry_points():
+    return (torch.load, torch.cuda.Event, torch.cuda.synchronize, torch.Tensor.half, torch.nn.Module.half,
+            torch.nn.Module.cuda)
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_stand_ins_compute_in_the_run_precision_and_are_undone(precision, dtype):
+    before = torch_entry_points()
+    with peer.cpu_stand_ins(precision):
+        conv = torch.nn.Conv2d(3, 4, 3).half().cuda()  # what airbench does to its network
+        assert conv.weight.dtype == torch.float32  # fp32 weights: its lookahead averages them
+        assert conv(torch.rand(1, 3, 8, 8).half()).dtype == dtype
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        end.record()
+        torch.cuda.synchronize()
+        assert 0 <= start.elapsed_time(end) < 1000
+    assert torch_entry_points() == before and torch.ones(1).half().dtype == torch.float16
+
+
+def test_peer_trains_airbench_on_the_cpu_from_our_arrays(tmp_path):
+    x, y, x_test, y_test = make_fake_arrays(1024, 200)
+    peer.write_peer_data(tmp_path, x, y, x_test, y_test, utils.CLASSES)
+    here, before = Path.cwd(), torch_entry_points()
+    result = peer.run_peer("airbench94", tmp_path, "fp32", epochs=1)  # one step of 1,024 images
+    assert 0 <= result["test_acc"] <= 1 and 0 <= result["test_acc_tta"] <= 1 and result["seconds"] > 0
+    assert result["peer"] == "airbench94" and result["airbench_version"]
+    assert Path.cwd() == here and torch_entry_points() == before
+    with pytest.raises(ValueError, match="airbench94, airbench95"):
+        peer.run_peer("airbench99", tmp_path, "fp32")
+
+
+def test_peer_bench_refuses_what_it_cannot_do_before_any_work(tmp_path):
+    write_npy(tmp_path / "data", make_fake_arrays(64))
+    refused = run_bench(tmp_path, "--peer", "airbench94", "--save", str(tmp_path / "x.pth"))
+    assert refused.returncode == 2 and "--peer runs on the CPU, without --save" in refused.stderr

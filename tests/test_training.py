@@ -162,6 +162,18 @@ def test_auto_precision_on_cpu_picks_bf16_only_where_it_is_faster(monkeypatch, h
     assert utils.resolve_precision("cpu", "bf16") == "bf16"  # a forced choice is kept
 
 
+@pytest.mark.parametrize("has_bf16, speedup, words", [
+    (True, 2.2, "precision auto -> bf16 (bf16 instructions, bf16 matmul measured 2.2x fp32: faster)"),
+    (True, 0.6, "precision auto -> fp32 (bf16 instructions, bf16 matmul measured 0.6x fp32: not faster)"),
+    (False, 2.2, "precision auto -> fp32 (no bf16 instructions on this CPU)"),
+])
+def test_runtime_line_says_what_auto_chose_and_why(monkeypatch, has_bf16, speedup, words):
+    monkeypatch.setattr(runtime, "get_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: has_bf16)
+    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: speedup)
+    assert utils.runtime_summary().endswith(words)
+
+
 def test_bf16_speedup_is_a_measured_ratio():
     utils.cpu_bf16_speedup.cache_clear()
     ratio = utils.cpu_bf16_speedup(n=64, reps=2)
