@@ -49,10 +49,23 @@ still rising in its final 5 epochs, by one more stage-three span at lr 0.001, no
 
 | run | reproduces | recipe | folder |
 | --- | --- | --- | --- |
-| ResNet20, projection (option B) shortcuts, 272,474 parameters | the ResNet20 report: 92.07% test after 200 cosine epochs at weight decay 1e-4 | this project's ResNet20 release recipe: SGD momentum 0.9, batch 128, lr 0.1 / 0.01 / 0.001 to epochs 82 / 123 / 164, weight decay 5e-4, label smoothing 0.1, flips and 4-pixel crops, seed 0 | `checkpoints/resnet20b_run`: at epoch 30 of 164, `python train.py --out checkpoints/resnet20b_run --resume` continues it |
+| ResNet20, projection (option B) shortcuts, 272,474 parameters | the ResNet20 report: 92.07% test after 200 cosine epochs at weight decay 1e-4 | this project's ResNet20 release recipe: SGD momentum 0.9, batch 128, lr 0.1 / 0.01 / 0.001 to epochs 82 / 123 / 164, weight decay 5e-4, label smoothing 0.1, flips and 4-pixel crops, seed 0 | `checkpoints/resnet20b_run`: at epoch 35 of 164, `python train.py --out checkpoints/resnet20b_run --resume` continues it |
 | ResNet v1, 110 layers (standard blocks, 18 a stage, projection shortcuts) | the ResNet v1/v2 report: 89.81% with Adam | SGD momentum 0.9, batch 128, lr 0.1 / 0.01 / 0.001 to epochs 25 / 38 / 50, weight decay 5e-4, flips and 4-pixel crops, seed 0 | `checkpoints/resnet110b_run` (not started) |
 | ResNet v2, 164 layers (pre-activation bottleneck blocks, 18 a stage) | the same report: 87.29% with Adam; its companion: 86.04% with SGD | as ResNet v1 | `checkpoints/preact_resnet164_run` (not started) |
-| ResNet18, ImageNet layout (7 × 7 stride-2 stem, max-pool), images resized to 224 | the 224-pixel ResNet18 report: 88.0% after 20 epochs at batch 64 | SGD momentum 0.9, batch 128, lr 0.1 / 0.01 / 0.001 to epochs 8 / 12 / 15, weight decay 5e-4, flips and 4-pixel crops before the resize, seed 0 | `checkpoints/resnet18_imagenet_run` (not started) |"""
+| ResNet18, ImageNet layout (7 × 7 stride-2 stem, max-pool), images resized to 224 | the 224-pixel ResNet18 report: 88.0% after 20 epochs at batch 64 | SGD momentum 0.9, batch 128, lr 0.1 / 0.01 / 0.001 to epochs 8 / 12 / 15, weight decay 5e-4, flips and 4-pixel crops before the resize, seed 0 | `checkpoints/resnet18_imagenet_run` (not started) |
+
+Where these networks differ from the reports' own (the ResNet v1/v2 report's code and printed modules):
+
+* ResNet v1-110 (`resnet110`, shortcut B) has the report's standard block (3 × 3 convolution, batch norm, ReLU;
+  3 × 3 convolution, batch norm; the sum, then ReLU), its 16-channel start layer with batch norm and ReLU, and its
+  projection shortcut (a 1 × 1 convolution and batch norm) only where a block changes the width or halves the
+  image. The report's start convolution has a bias; here it has none, since the batch norm after it would cancel it.
+* ResNet v2-164 (`preact_resnet164`) has the report's pre-activation bottleneck (batch norm and ReLU before each of
+  the 1 × 1, 3 × 3 and 1 × 1 convolutions, 4 × expansion, 16 / 32 / 64 bottleneck widths) and its projection at the
+  first block of each stage, 16 to 64 channels in the first. The projection here is a 1 × 1 convolution without
+  bias on the pre-activated input, as He et al.'s v2 paper has it; the report's printed projection has a bias. The
+  stride sits in the 3 × 3 convolution; a final batch norm and ReLU come before the pooling.
+* Both reports trained with Adam; these runs use this project's staged SGD, the recipe the other releases use."""
 
 LIMITS = """## Known limits
 

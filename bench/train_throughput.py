@@ -4,9 +4,10 @@ Baseline (the ResNet18 course report's): per-image PIL transforms (RandomCrop wi
 DataLoader with 2 workers, fp32, NCHW. Engine: utils.BatchLoader (batched augmentation on the device) and
 utils.train_epoch with channels_last and the precision utils.resolve_precision picks (bf16 where it measures
 faster, AMP on CUDA).
-Also: the fraction of the device's measured matmul peak that the engine's training step reaches.
+Also: the fraction of the device's measured matmul peak that the engine's training step reaches, and with
+--compile the same step through torch.compile (Inductor), measured in the same run.
 
-    python bench/train_throughput.py [--steps 30] [--archs resnet20 resnet18]
+    python bench/train_throughput.py [--steps 30] [--archs resnet20 speedrun resnet18] [--compile]
 """
 import argparse
 import sys
@@ -63,17 +64,19 @@ def sgd_step(device, precision):
     return step
 
 
-def fresh_model(arch, device, channels_last):
-    model = utils.build_model(arch).to(device).train()
+def fresh_model(arch, device, channels_last, compiled=False):
+    net = utils.build_model(arch).to(device).train()
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model._opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        net = net.to(memory_format=torch.channels_last)
+    model = torch.compile(net) if compiled else net
+    model._opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     return model
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--archs", nargs="+", default=["resnet20", "resnet18"])
+    p.add_argument("--archs", nargs="+", default=["resnet20", "speedrun", "resnet18"])
+    p.add_argument("--compile", action="store_true", help="also time the engine's step through torch.compile")
     p.add_argument("--steps", type=int, default=30, help="timed steps per measurement (resnet18 uses a third)")
     p.add_argument("--data", help="CIFAR-10 folder (else CIFAR10_DIR, data/)")
     args = p.parse_args()
@@ -96,6 +99,10 @@ def main():
         fast = timed_steps(fresh_model(arch, device, True), batches, sgd_step(device, precision), warmup)
         train_flops = 3 * 2 * utils.count_macs(utils.build_model(arch))  # forward + backward (2x forward)
         rows.append((arch, base, fast, fast * train_flops / (peak * 1e9)))
+        if args.compile:  # the first steps compile: a longer warm-up, so none of that time is counted
+            compiled = timed_steps(fresh_model(arch, device, True, compiled=True), batches,
+                                   sgd_step(device, precision), warmup + 3)
+            rows.append((f"{arch}, compiled", base, compiled, compiled * train_flops / (peak * 1e9)))
     print(f"\n| model | baseline images/s (PIL workers, fp32, NCHW) | engine images/s ({precision}, channels_last, "
           f"batched augmentation) | speed-up | engine's share of matmul peak |")
     print("| --- | ---: | ---: | ---: | ---: |")

@@ -24,7 +24,7 @@ from packaging.requirements import Requirement
 
 __all__ = ["PROJECT_DIR", "PRECISIONS", "PREDICT_PRECISIONS", "DTYPES", "BF16_MIN_SPEEDUP", "check_precision",
            "precision_dtype", "resolve_precision", "autocast", "get_device", "cuda_capability", "cpu_info",
-           "cpu_fields", "cpu_has_native_bf16", "cpu_bf16_speedup", "hardware_label", "precision_choice",
+           "cpu_fields", "cpu_name", "cpu_has_native_bf16", "cpu_has_vnni", "cpu_bf16_speedup", "hardware_label", "precision_choice",
            "runtime_summary", "setup_notebook", "runtime_requirements", "install_missing_requirements",
            "seed_everything", "library_versions"]
 
@@ -105,6 +105,12 @@ def cpu_has_native_bf16():
         return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def cpu_has_vnni():
+    """True when this CPU multiplies 8-bit integers into 32-bit sums in one instruction (AVX512-VNNI, AVX-VNNI
+    or AMX-INT8). Without it, int8 products are summed in 16 bits and can saturate (see quantize.py)."""
+    return bool(set(cpu_fields().get("flags", "").split()) & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_bf16_speedup(n=512, reps=8):
     """bf16 over fp32 matmul throughput on this CPU, measured once per process (about 0.1 s).
@@ -131,19 +137,23 @@ def _isa_label(flags):
     return next((label for flag, label in pairs if flag in flags), None)
 
 
+def cpu_name():
+    """The CPU's model name with its family: 'AMD EPYC family 25' (cloud CPUs often share one model name, "AMD
+    EPYC", across generations that differ in what they compute fast)."""
+    field = cpu_fields()
+    name = field.get("model name", platform.processor() or "cpu")
+    return f"{name} family {field['cpu family']}" if "cpu family" in field else name
+
+
 def hardware_label(device, precision):
     """Where and how an epoch ran, for the history: 'AMD EPYC family 25 (AVX2), 2 threads, fp32' or 'Tesla T4, bf16'."""
     device = torch.device(device)
     if device.type == "cuda":
         tf32 = precision == "fp32" and cuda_capability(device) >= (8, 0) and torch.backends.cudnn.allow_tf32
         return f"{torch.cuda.get_device_name(device)}, {precision}{' (TF32 convolutions)' * tf32}"
-    field = cpu_fields()
-    name = field.get("model name", platform.processor() or "cpu")
-    if "cpu family" in field:  # cloud CPUs often share one model name ("AMD EPYC") across generations
-        name += f" family {field['cpu family']}"
-    isa = _isa_label(set(field.get("flags", "").split()))
+    isa = _isa_label(set(cpu_fields().get("flags", "").split()))
     threads = torch.get_num_threads()
-    return f"{name}{f' ({isa})' if isa else ''}, {threads} thread{'s' * (threads != 1)}, {precision}"
+    return f"{cpu_name()}{f' ({isa})' if isa else ''}, {threads} thread{'s' * (threads != 1)}, {precision}"
 
 
 def precision_choice(device):
@@ -165,9 +175,8 @@ def runtime_summary():
     if device.type == "cuda":
         where = f"GPU {torch.cuda.get_device_name(device)}"
     else:
-        name = cpu_fields().get("model name", platform.processor() or "unknown")
         threads = torch.get_num_threads()
-        where = f"CPU {name}, {threads} thread{'s' * (threads != 1)}"
+        where = f"CPU {cpu_name()}, {threads} thread{'s' * (threads != 1)}"
     return f"torch {torch.__version__} | {where} | precision auto -> {resolve_precision(device)} " \
            f"({precision_choice(device)})"
 

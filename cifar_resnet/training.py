@@ -15,7 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from IPython import get_ipython
+from IPython.display import display
+from tqdm import tqdm
 
 from .checkpoints import (RunFolder, check_weights, latest_checkpoint, load_checkpoint, nonfinite_entries,
                           readable_checkpoints, release_payload, to_cpu)
@@ -32,8 +34,59 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss."""
 
 
-def _progress_bar(total, desc, enabled):
-    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, mininterval=1.0)
+class NotebookProgress:
+    """A progress line for notebooks: one output updated in place (a bar in Jupyter and Colab, its text
+    elsewhere), so a saved notebook keeps its last state. A widget bar would save only its first frame, "0%",
+    which is all GitHub shows. With leave=False the line is emptied on close."""
+
+    def __init__(self, total, desc, leave=True, mininterval=1.0):
+        self.total, self.desc, self.leave, self.mininterval = total, desc, leave, mininterval
+        self.n, self.postfix, self.start, self.shown = 0, "", time.perf_counter(), -math.inf
+        self.handle = display(self, display_id=True)
+
+    def __repr__(self):
+        elapsed = time.perf_counter() - self.start
+        share = f" ({self.n / self.total:.0%})" if self.total else ""
+        return f"{self.desc}: {self.n}/{self.total}{share}, {elapsed:.0f} s{self.postfix}"
+
+    def _repr_html_(self):
+        return f'<progress value="{self.n}" max="{max(self.total, 1)}"></progress> <code>{self!r}</code>'
+
+    def _show(self, force=False):
+        if force or time.perf_counter() - self.shown >= self.mininterval:
+            self.handle.update(self)
+            self.shown = time.perf_counter()
+
+    def update(self, n=1):
+        self.n += n
+        self._show(force=self.n >= self.total)
+
+    def set_postfix(self, refresh=True, **values):
+        self.postfix = "".join(f", {key} {value}" for key, value in values.items())
+
+    def close(self):
+        if self.leave:
+            self._show(force=True)
+        else:
+            self.handle.update({"text/plain": ""}, raw=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _in_notebook():
+    """True inside a Jupyter or Colab kernel (not in a terminal IPython or a script)."""
+    return hasattr(get_ipython(), "kernel")
+
+
+def _progress_bar(total, desc, enabled, leave=False):
+    """A tqdm bar in a terminal; a NotebookProgress line in a notebook; nothing when not enabled."""
+    if enabled and _in_notebook():
+        return NotebookProgress(total, desc, leave=leave)
+    return tqdm(total=total, desc=desc, leave=leave, disable=not enabled, mininterval=1.0)
 
 # ----------------------------------------------------------------------------- one epoch (notebook 03)
 
@@ -344,7 +397,7 @@ class Trainer:
         last = len(self.cfg.stages) - 1 if until_stage is None else until_stage
         end = min(self.cfg.stages[min(last, len(self.cfg.stages) - 1)][1], stop_epoch or math.inf)
         first, schedule_end = self.epoch, min(self.cfg.stages[-1][1], stop_epoch or math.inf)
-        with _progress_bar(max(end - first, 0), "run (epochs)", self.progress) as bar:
+        with _progress_bar(max(end - first, 0), "run (epochs)", self.progress, leave=True) as bar:
             while self.stage <= last and (stop_epoch is None or self.epoch < stop_epoch):
                 if self.epoch >= self.cfg.stages[self.stage][1]:  # resumed at or past this stage's end
                     self.counters.start_stage(self.stage + 1)

@@ -99,10 +99,8 @@ def test_release_history_shows_stages_and_validation_selection(path):
 
 
 def _int8_ready():
-    """Skip (or, under CI, fail where the CPU could run it) unless int8 can run fast on this CPU."""
-    flags = set(utils.cpu_fields().get("flags", "").split())
-    if not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
-        pytest.skip("this CPU has no VNNI or AMX-INT8 instructions, which int8 inference is checked on")
+    """Skip (or, under CI, fail) where int8 cannot run. Its accuracy is checked on every x86 CPU, with VNNI or
+    without (there 7-bit activations keep it: cifar_resnet.quantize.activation_bits)."""
     if reason := utils.int8_unavailable_reason("cpu"):
         (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
 

@@ -110,6 +110,8 @@ def test_hardware_label_names_cpu_family_and_best_bf16_instructions(monkeypatch)
     monkeypatch.setattr(runtime, "cpu_info", lambda: info * 2)
     threads = torch.get_num_threads()
     assert utils.hardware_label("cpu", "bf16") == f"AMD EPYC family 26 (AVX512-BF16), {threads} thread{'s' * (threads != 1)}, bf16"
+    monkeypatch.setattr(runtime, "get_device", lambda: torch.device("cpu"))
+    assert f"| CPU AMD EPYC family 26, {threads} thread" in utils.runtime_summary()  # the setup cell's line too
     monkeypatch.setattr(runtime, "cpu_info", lambda: "")
     assert "family" not in utils.hardware_label("cpu", "fp32")
 
@@ -256,3 +258,35 @@ def test_input_size_trains_the_imagenet_layout_at_cifars_own_size(tmp_path):
     assert utils.Loaded_model(tmp_path / "best.pth").predict(x[:4], verbose=False).shape == (4,)
     with pytest.raises(ValueError, match="input_size"):
         utils.TrainConfig(input_size=16)
+
+
+def test_progress_in_a_saved_notebook_reads_as_its_last_state():
+    """A widget bar saves only its first frame ("0%"), all GitHub shows; the notebook line saves its last."""
+    import nbformat
+    from nbclient import NotebookClient
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(
+        f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom cifar_resnet.training import _progress_bar\n"
+        "with _progress_bar(2, 'run (epochs)', True, leave=True) as run:\n"
+        "    for epoch in range(2):\n"
+        "        with _progress_bar(5, 'epoch', True) as bar:\n"
+        "            for step in range(5):\n"
+        "                bar.set_postfix(loss='0.500')\n"
+        "                bar.update()\n"
+        "        run.update()\n")]
+    NotebookClient(nb, kernel_name="python3", timeout=120).execute()
+    shown = [o["data"]["text/plain"] for o in nb.cells[0].outputs if o["output_type"] == "display_data"]
+    assert shown[0].startswith("run (epochs): 2/2 (100%)")  # the run's line, complete
+    assert shown[1:] == ["", ""]  # each epoch's line cleared once its epoch ended (leave=False)
+
+
+def test_compile_switch_trains_the_same_as_eager(tmp_path):
+    """TrainConfig(compile=True) runs the network through torch.compile (Inductor); one epoch's losses agree with
+    eager mode to float tolerance, and the compiled model is the one that trained."""
+    eager = tiny_trainer(tmp_path / "eager", stages=[(0.1, 1)], precision="fp32")
+    compiled = tiny_trainer(tmp_path / "compiled", stages=[(0.1, 1)], precision="fp32", compile=True)
+    assert compiled.model is not compiled.net and eager.model is eager.net
+    eager_loss, compiled_loss = eager.fit()["train_loss"][0], compiled.fit()["train_loss"][0]
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-3)
+    for (name, a), b in zip(eager.net.state_dict().items(), compiled.net.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-3), name  # the same weights after the epoch
