@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
-from speedrun import measured_peaks  # noqa: E402
+from speedrun import describe_peaks, measured_peaks  # noqa: E402
 
 DEFAULT_JSON = Path(__file__).resolve().parents[1] / "checkpoints" / "speedrun_ablation.json"
 
@@ -36,8 +36,8 @@ def main():
     x_tr, y_tr, x_val, y_val = utils.train_val_split(x, y)
     x_tr, y_tr = x_tr[:args.limit], y_tr[:args.limit]
     results = json.loads(args.json.read_text()) if args.json.exists() else {"rows": []}
-    peaks = measured_peaks()
-    print(f"measured matmul peak: {peaks['bf16']:.0f} GFLOP/s bf16, {peaks['fp32']:.0f} GFLOP/s fp32", flush=True)
+    peaks = measured_peaks(also=[utils.resolve_precision("cpu", utils.SpeedRunConfig.precision)])
+    print(f"measured matmul peak: {describe_peaks(peaks)}", flush=True)
     full = utils.SpeedRunConfig(epochs=args.epochs)
     # tta changes no training: its row is the full recipe's run scored single view, so that run comes first
     needs_full = "full" in args.tricks or "tta" in args.tricks

@@ -323,3 +323,15 @@ def test_peer_bench_refuses_what_it_cannot_do_before_any_work(tmp_path):
     write_npy(tmp_path / "data", make_fake_arrays(64))
     refused = run_bench(tmp_path, "--peer", "airbench94", "--save", str(tmp_path / "x.pth"))
     assert refused.returncode == 2 and "--peer runs on the CPU, without --save" in refused.stderr
+
+
+def test_peaks_skip_emulated_bf16_unless_the_run_trains_in_it(monkeypatch):
+    """Timing bf16 matmuls on a CPU without bf16 instructions took minutes per bench start (AMD EPYC family 25)."""
+    import speedrun as bench
+    monkeypatch.setattr(bench, "matmul_gflops", lambda kind, device="cpu": {"fp32": 175.0, "bf16": 9.0}[kind])
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: False)
+    assert bench.measured_peaks() == {"fp32": 175.0}
+    assert bench.measured_peaks(also=["bf16"]) == {"bf16": 9.0, "fp32": 175.0}  # forced: measured all the same
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: True)
+    assert set(bench.measured_peaks()) == {"bf16", "fp32"}
+    assert bench.describe_peaks({"bf16": 411.2, "fp32": 175.0}) == "411 GFLOP/s bf16, 175 GFLOP/s fp32"
