@@ -3,6 +3,7 @@
     python bench/release_table.py                           # the README's results rows
     python bench/release_table.py --card checkpoints/README.md   # write the model card
     python bench/release_table.py --speedrun                # the README's speed-run table
+    python bench/release_table.py --reports                 # the README's "reports reproduced" table
 
 Test accuracy is measured through Loaded_model in fp32 (the same on every CPU), single view and with flip TTA.
 Everything else in the card (recipe, selection, per-stage validation, time and hardware per span of epochs)
@@ -227,6 +228,8 @@ def main():
     p.add_argument("paths", nargs="*", default=RELEASES, help="release files (relative to the project)")
     p.add_argument("--card", help="write the model card of the files here instead of printing rows")
     p.add_argument("--speedrun", action="store_true", help=f"print the README's speed-run table from {SPEEDRUN_RUNS}")
+    p.add_argument("--reports", action="store_true",
+                   help="print the README's table of the reference reports against this project's runs")
     p.add_argument("--data", help="CIFAR-10 folder (else CIFAR10_DIR, data/)")
     args = p.parse_args()
     if args.speedrun:
@@ -235,7 +238,12 @@ def main():
     _, _, x_test, y_test = utils.load_cifar10(args.data)
     if args.card and (ROOT / SPEEDRUN).is_file() and args.paths == RELEASES:
         args.paths = [*RELEASES, SPEEDRUN]
-    measured = {path: scores(ROOT / path, x_test, y_test) for path in args.paths}
+    if args.reports:
+        args.paths = [e["release"] for e in utils.REFERENCE_REPORTS if (ROOT / e["release"]).is_file()]
+    measured = {path: scores(ROOT / path, x_test, y_test) for path in dict.fromkeys(args.paths)}
+    if args.reports:
+        print("\n".join(utils.reports_table(measured)))
+        return
     if args.card:
         utils.atomic_write(args.card, lambda f: f.write(card(measured).encode()))  # never a half-written card
         print(f"wrote {args.card}")

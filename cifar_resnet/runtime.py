@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import time
@@ -24,8 +25,8 @@ from packaging.requirements import Requirement
 
 __all__ = ["PROJECT_DIR", "PRECISIONS", "PREDICT_PRECISIONS", "DTYPES", "BF16_MIN_SPEEDUP", "check_precision",
            "precision_dtype", "resolve_precision", "autocast", "get_device", "cuda_capability", "cpu_info",
-           "cpu_fields", "cpu_name", "cpu_has_native_bf16", "cpu_has_vnni", "cpu_bf16_speedup", "hardware_label", "precision_choice",
-           "runtime_summary", "setup_notebook", "runtime_requirements", "install_missing_requirements",
+           "cpu_fields", "cpu_name", "cpu_has_native_bf16", "cpu_has_vnni", "cpu_bf16_speedup", "hardware_label",
+           "machine_name", "precision_choice", "runtime_summary", "setup_notebook", "runtime_requirements", "install_missing_requirements",
            "seed_everything", "library_versions"]
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -154,6 +155,14 @@ def hardware_label(device, precision):
     isa = _isa_label(set(cpu_fields().get("flags", "").split()))
     threads = torch.get_num_threads()
     return f"{cpu_name()}{f' ({isa})' if isa else ''}, {threads} thread{'s' * (threads != 1)}, {precision}"
+
+
+def machine_name(label):
+    """The machine of a hardware label, short enough for a table column: 'Intel(R) Xeon(R) Processor family 6
+    (AVX512-BF16), 2 threads, fp32' -> 'Intel Xeon family 6'. Threads and precision have columns of their own."""
+    name = label.split(",")[0]
+    name = re.sub(r"\((R|TM|tm)\)|\bProcessor\b|\bCPU\b|@ [\d.]+GHz|\([A-Z0-9-]+\)$", "", name.strip())
+    return " ".join(name.split())
 
 
 def precision_choice(device):

@@ -130,3 +130,14 @@ def test_release_keeps_selected_weights_with_the_whole_run_history(tmp_path, tra
     assert all(torch.equal(release["model"][k], v) for k, v in first["model"].items())
     with pytest.raises(ValueError, match="not a later checkpoint"):
         utils.export_release(tmp_path / "ckpt_1.pth", tmp_path / "bad.pth", run_checkpoint=trained[1])
+
+
+def test_reports_table_reads_our_runs_from_the_release_files_and_says_which_are_missing():
+    path = "checkpoints/resnet18.pth"
+    rows = utils.reports_table({path: (93.63, 94.46)})
+    meta = utils.load_checkpoint(utils.PROJECT_DIR / path)
+    course = next(row for row in rows if row.startswith("| ResNet18 course report"))
+    assert "**93.63%** | 94.46%" in course
+    assert f"| {len(meta['history']['epoch'])} |" in course and f"best validation epoch ({meta['epoch']})" in course
+    unmeasured = [row for row in rows[2:] if "ResNet18 course report" not in row]
+    assert unmeasured and all("not released yet" in row for row in unmeasured)

@@ -80,6 +80,8 @@ def test_readme_rows_and_model_card_are_what_the_release_files_give():
     runs = json.loads((ROOT / release_table.SPEEDRUN_RUNS).read_text())
     for line in release_table.speedrun_rows(runs):  # the speed-run table is the results file's
         assert line in readme, line
+    for line in utils.reports_table(figures):  # the reports reproduced: this project's figures are the rows'
+        assert line in readme, line
     committed = (ROOT / "checkpoints" / "README.md").read_text()
     assert release_table.card(figures) == committed, \
         "the model card differs from the release files: python bench/release_table.py --card checkpoints/README.md"

@@ -290,3 +290,13 @@ def test_compile_switch_trains_the_same_as_eager(tmp_path):
     assert compiled_loss == pytest.approx(eager_loss, rel=1e-3)
     for (name, a), b in zip(eager.net.state_dict().items(), compiled.net.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-3), name  # the same weights after the epoch
+
+
+@pytest.mark.parametrize("label, name", [
+    ("Intel(R) Xeon(R) Processor family 6 (AVX512-BF16), 2 threads, fp32", "Intel Xeon family 6"),
+    ("AMD EPYC family 25 (AVX2), 1 thread, bf16", "AMD EPYC family 25"),
+    ("Intel(R) Core(TM) i7-8700 CPU @ 3.20GHz family 6, 12 threads, fp32", "Intel Core i7-8700 family 6"),
+    ("Tesla T4, fp16", "Tesla T4")])
+def test_machine_name_keeps_the_machine_and_drops_trademarks_threads_and_precision(label, name):
+    assert utils.machine_name(label) == name
+
