@@ -7,8 +7,6 @@ on the epoch the validation split chose.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from .checkpoints import load_checkpoint
 from .runtime import PROJECT_DIR
 
@@ -36,8 +34,8 @@ REFERENCE_REPORTS = (
 def reports_table(measured):
     """The Markdown rows of the "reports reproduced" table.
 
-    measured: {release path: (single view, flip TTA) test accuracy in percent}, for the files that exist; a
-    report whose release is not measured gets a row that says so. Epochs, training hours (wall clock, on
+    measured: {release path: (single view, flip TTA) test accuracy in percent}, for the release files that exist; a
+    report whose release is not in it gets a row that says so. Epochs, training hours (wall clock, on
     the machines the history names) and the selected epoch are read from each release file's own history.
     """
     lines = ["| report | system | its figure | its epochs | its choice | ours: single view | flip TTA | "
@@ -46,13 +44,12 @@ def reports_table(measured):
     for entry in REFERENCE_REPORTS:
         theirs = (f"| {entry['report']} | {entry['system']} | {entry['figure']:.2f}% | {entry['epochs']} | "
                   f"{entry['chosen']} |")
-        path = Path(entry["release"])
-        if path.as_posix() not in measured or not (PROJECT_DIR / path).is_file():
+        if entry["release"] not in measured:
             lines.append(f"{theirs} not released yet | | | | |")
             continue
-        meta = load_checkpoint(PROJECT_DIR / path)
+        meta = load_checkpoint(PROJECT_DIR / entry["release"])
         history = meta["history"]
-        single, tta = measured[path.as_posix()]
+        single, tta = measured[entry["release"]]
         lines.append(f"{theirs} **{single:.2f}%** | {tta:.2f}% | {len(history['epoch'])} | "
                      f"{sum(history['seconds']) / 3600:.1f} | best validation epoch ({meta['epoch']}) |")
     return lines

@@ -26,8 +26,8 @@ from packaging.requirements import Requirement
 __all__ = ["PROJECT_DIR", "PRECISIONS", "PREDICT_PRECISIONS", "DTYPES", "BF16_MIN_SPEEDUP", "check_precision",
            "precision_dtype", "resolve_precision", "autocast", "get_device", "cuda_capability", "cpu_info",
            "cpu_fields", "cpu_name", "cpu_has_native_bf16", "cpu_has_vnni", "cpu_bf16_speedup", "hardware_label",
-           "machine_name", "precision_choice", "runtime_summary", "setup_notebook", "runtime_requirements", "install_missing_requirements",
-           "seed_everything", "library_versions"]
+           "machine_name", "precision_choice", "runtime_summary", "setup_notebook", "runtime_requirements",
+           "install_missing_requirements", "seed_everything", "library_versions"]
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 

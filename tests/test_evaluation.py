@@ -110,7 +110,6 @@ def test_tensor_input_and_tta(trained):
                                flipped, atol=1e-5)  # TTA is symmetric in the flip
 
 
-
 def test_flip_tta_is_the_mean_of_the_image_and_its_mirror_image(trained, images):
     """Notebook 04 and bench/release_table.py compute flip TTA from the single view and one pass on the mirrored
     images (x[:, :, ::-1] for N x H x W x C arrays): the same probabilities as tta=True."""
@@ -119,6 +118,7 @@ def test_flip_tta_is_the_mean_of_the_image_and_its_mirror_image(trained, images)
     mirrored = model.predict_proba(np.ascontiguousarray(images[:, :, ::-1]), tta="none")
     np.testing.assert_allclose((single + mirrored) / 2, model.predict_proba(images, tta=True), atol=1e-6)
     assert not np.allclose(single, mirrored, atol=1e-4)  # the mirror image is another view
+
 
 def test_release_export_is_smaller_and_predicts_alike(trained, tmp_path, images):
     _, path = trained

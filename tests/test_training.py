@@ -299,4 +299,3 @@ def test_compile_switch_trains_the_same_as_eager(tmp_path):
     ("Tesla T4, fp16", "Tesla T4")])
 def test_machine_name_keeps_the_machine_and_drops_trademarks_threads_and_precision(label, name):
     assert utils.machine_name(label) == name
-
