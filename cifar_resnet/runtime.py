@@ -25,8 +25,9 @@ from packaging.requirements import Requirement
 
 __all__ = ["PROJECT_DIR", "PRECISIONS", "PREDICT_PRECISIONS", "DTYPES", "BF16_MIN_SPEEDUP", "check_precision",
            "precision_dtype", "resolve_precision", "autocast", "get_device", "cuda_capability", "cpu_info",
-           "cpu_fields", "cpu_name", "cpu_has_native_bf16", "cpu_has_vnni", "cpu_bf16_speedup", "hardware_label",
-           "machine_name", "precision_choice", "runtime_summary", "setup_notebook", "runtime_requirements",
+           "cpu_fields", "cpu_name", "cpu_has_native_bf16", "cpu_has_vnni", "cpu_bf16_speedup",
+           "hardware_label", "machine_name", "AUTO_PRECISION_ENV", "auto_precision_override",
+           "precision_choice", "runtime_summary", "setup_notebook", "runtime_requirements",
            "install_missing_requirements", "seed_everything", "library_versions"]
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -37,6 +38,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what training and prediction ac
 PREDICT_PRECISIONS = PRECISIONS + ("int8",)  # prediction on an x86 CPU also takes int8, asked for by name
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BF16_MIN_SPEEDUP = 1.3  # 'auto' picks bf16 on a CPU only where its matmuls beat fp32 by this much
+# What 'auto' picks on a CPU depends on the CPU; this variable fixes it, so the test suite can be run both ways on
+# one machine (`CIFAR_AUTO_PRECISION=fp32 pytest --nbval`). Unset, 'auto' measures.
+AUTO_PRECISION_ENV = "CIFAR_AUTO_PRECISION"
 
 
 def check_precision(precision, allowed=PRECISIONS):
@@ -58,8 +62,21 @@ def resolve_precision(device, precision="auto"):
     if torch.device(device).type == "cuda":
         # is_bf16_supported() is True on a T4 too (emulated since torch 2.3); bf16 tensor cores need capability 8.0
         return "bf16" if cuda_capability(device) >= (8, 0) else "fp16"
+    forced = auto_precision_override()
+    if forced:
+        return forced
     # bf16 instructions alone don't make it faster: on one AVX512-BF16 Xeon without AMX, bf16 ran slower than fp32.
     return "bf16" if cpu_has_native_bf16() and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP else "fp32"
+
+
+def auto_precision_override():
+    """'fp32' or 'bf16' when CIFAR_AUTO_PRECISION fixes what 'auto' picks on a CPU, else None."""
+    value = os.environ.get(AUTO_PRECISION_ENV)
+    if not value:
+        return None
+    if value not in ("fp32", "bf16"):
+        raise ValueError(f"{AUTO_PRECISION_ENV} must be 'fp32' or 'bf16' (or unset); got {value!r}")
+    return value
 
 
 def autocast(device, precision):
@@ -171,6 +188,8 @@ def precision_choice(device):
     if device.type == "cuda":
         major, minor = cuda_capability(device)
         return f"compute capability {major}.{minor}: {'' if major >= 8 else 'no '}bf16 tensor cores"
+    if auto_precision_override():
+        return f"fixed by {AUTO_PRECISION_ENV}"
     if not cpu_has_native_bf16():
         return "no bf16 instructions on this CPU"
     speedup = cpu_bf16_speedup()

@@ -158,6 +158,7 @@ def test_bad_config_is_refused():
     (False, 2.2, "fp32"),  # no bf16 instructions: emulated, never picked
 ])
 def test_auto_precision_on_cpu_picks_bf16_only_where_it_is_faster(monkeypatch, has_bf16, speedup, expected):
+    monkeypatch.delenv(utils.AUTO_PRECISION_ENV, raising=False)  # the suite may run with the choice fixed
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: has_bf16)
     monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: speedup)
     assert utils.resolve_precision("cpu") == expected
@@ -170,10 +171,29 @@ def test_auto_precision_on_cpu_picks_bf16_only_where_it_is_faster(monkeypatch, h
     (False, 2.2, "precision auto -> fp32 (no bf16 instructions on this CPU)"),
 ])
 def test_runtime_line_says_what_auto_chose_and_why(monkeypatch, has_bf16, speedup, words):
+    monkeypatch.delenv(utils.AUTO_PRECISION_ENV, raising=False)
     monkeypatch.setattr(runtime, "get_device", lambda: torch.device("cpu"))
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: has_bf16)
     monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: speedup)
     assert utils.runtime_summary().endswith(words)
+
+
+@pytest.mark.parametrize("fixed", ["fp32", "bf16"])
+def test_the_environment_fixes_what_auto_picks_on_a_cpu_and_the_runtime_line_says_so(monkeypatch, fixed):
+    # the switch that runs the whole suite both ways on one machine: it must win over the measurement either way
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: fixed == "fp32")
+    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: 2.2 if fixed == "fp32" else 0.6)
+    monkeypatch.setattr(runtime, "get_device", lambda: torch.device("cpu"))
+    monkeypatch.setenv(utils.AUTO_PRECISION_ENV, fixed)
+    assert utils.resolve_precision("cpu") == fixed
+    assert utils.resolve_precision("cpu", "fp32") == "fp32"  # a forced choice is still kept
+    assert utils.runtime_summary().endswith(f"precision auto -> {fixed} (fixed by {utils.AUTO_PRECISION_ENV})")
+
+
+def test_a_bad_auto_precision_setting_is_one_line_naming_the_choices(monkeypatch):
+    monkeypatch.setenv(utils.AUTO_PRECISION_ENV, "int8")
+    with pytest.raises(ValueError, match=r"CIFAR_AUTO_PRECISION must be 'fp32' or 'bf16' \(or unset\); got 'int8'"):
+        utils.resolve_precision("cpu")
 
 
 def test_bf16_speedup_is_a_measured_ratio():

@@ -47,3 +47,11 @@ def test_a_summary_printed_from_variables_counts_only_once_executed():
     assert summary_text(printed) == ""
     printed.outputs = [nbformat.v4.new_output("execute_result", {"text/markdown": "## Summary\n* 93%"})]
     assert summary_text(printed).startswith("## Summary")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_code_lines_fit_a_notebook_column(path):
+    # Jupyter, Colab and GitHub show about 100 characters of code before a line runs past the right edge
+    long = [line for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code"
+            for line in cell.source.splitlines() if len(line) > 100]
+    assert not long, f"{len(long)} code lines over 100 characters, the first: {long[0]!r}"
