@@ -16,8 +16,11 @@ import cifar_resnet  # torch.hub puts this project's folder first on sys.path
 dependencies = ["torch", "torchvision", "numpy"]
 
 HERE = Path(__file__).resolve().parent
+# Entry point -> release file. An entry named after a release that is an architecture variant builds that
+# variant with pretrained=False too (VARIANTS), so both settings give the same network.
 RELEASES = {"resnet20": "checkpoints/resnet20.pth", "resnet18": "checkpoints/resnet18.pth",
             "speedrun": "checkpoints/speedrun.pth"}
+VARIANTS = {"resnet20b": ("resnet20", {"shortcut": "B"})}
 
 
 def _entry(name):
@@ -28,8 +31,9 @@ def _entry(name):
             loaded = cifar_resnet.Loaded_model(HERE / RELEASES[name], precision="fp32", **options)
             model, preprocess, classes = loaded.model, loaded.preprocess, loaded.classes
         else:
-            model = cifar_resnet.build_model(name, **options)
-            preprocess = cifar_resnet.Preprocess(size=cifar_resnet.input_size(name))
+            arch, fixed = VARIANTS.get(name, (name, {}))
+            model = cifar_resnet.build_model(arch, **{**fixed, **options})
+            preprocess = cifar_resnet.Preprocess(size=cifar_resnet.input_size(arch))
             classes = list(cifar_resnet.CLASSES)
         model.preprocess, model.classes = preprocess, classes
         return model.cpu().eval()
@@ -40,5 +44,5 @@ def _entry(name):
     return entry
 
 
-for _name in cifar_resnet.list_models():
+for _name in [*cifar_resnet.list_models(), *VARIANTS]:
     globals()[_name] = _entry(_name)

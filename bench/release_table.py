@@ -22,7 +22,12 @@ import utils  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RELEASES = ["checkpoints/resnet20.pth", "checkpoints/resnet18.pth"]
-TITLES = {"resnet20": "ResNet20 (shortcut option A)", "resnet18": "ResNet18 (CIFAR layout)",
+# A release is named by its file's stem (the card's section and the hub's entry point); one architecture may
+# have several releases (resnet20 with shortcut option A and B).
+TITLES = {"resnet20": "ResNet20 (shortcut option A)", "resnet20b": "ResNet20 (projection shortcuts, option B)",
+          "resnet18": "ResNet18 (CIFAR layout)", "resnet110b": "ResNet v1-110 (standard blocks, projection shortcuts)",
+          "preact_resnet164": "ResNet v2-164 (pre-activation bottleneck blocks)",
+          "resnet18_imagenet": "ResNet18 (ImageNet layout, images resized to 224)",
           "speedrun": "the speed run's network (whitening stem, three residual groups)"}
 SPEEDRUN = "checkpoints/speedrun.pth"  # seed 0's model of the speed run's final protocol
 SPEEDRUN_RUNS = "checkpoints/speedrun_runs.json"  # every run of that protocol, written by bench/speedrun.py
@@ -157,23 +162,31 @@ def recipe(cfg):
     return text + (f", label smoothing {cfg['label_smoothing']:g}" if cfg.get("label_smoothing") else "")
 
 
+def release_name(path):
+    """'resnet20b' for checkpoints/resnet20b.pth: the card's section, the run folder's and the hub entry's name."""
+    return Path(path).stem
+
+
 def row(path, measured):
     """One Markdown row of the README's results table."""
     meta = utils.load_checkpoint(ROOT / path)
     net = utils.build_model(meta["arch"], **meta.get("arch_options", {}))
     single, tta = measured
-    return (f"| [`{path}`](checkpoints/README.md#{meta['arch']}) | {TITLES.get(meta['arch'], meta['arch'])} | "
+    name = release_name(path)
+    return (f"| [`{path}`](checkpoints/README.md#{name}) | {TITLES.get(name, name)} | "
             f"{utils.count_parameters(net):,} | {single:.2f}% | {tta:.2f}% | {meta['best_val_acc'] * 100:.2f}% | "
             f"{meta['epoch']} of {meta['config']['stages'][-1][1]} |")
 
 
-def train_command(cfg):
-    """The train.py command that runs this recipe from scratch."""
+def train_command(cfg, name):
+    """The train.py command that runs this recipe from scratch into checkpoints/<name>_run."""
     shortcut = cfg["arch_options"].get("shortcut")
+    size = cfg.get("input_size")
     return (f"python train.py --arch {cfg['arch']}" + (f" --shortcut {shortcut}" if shortcut else "")
+            + (f" --input-size {size}" if size else "")
             + " --stages " + " ".join(f"{lr:g}:{end}" for lr, end in cfg["stages"]) + f" --wd {cfg['weight_decay']:g}"
             + (f" --label-smoothing {cfg['label_smoothing']:g}" if cfg.get("label_smoothing") else "")
-            + f" --out checkpoints/{cfg['arch']}_run")
+            + f" --out checkpoints/{name}_run")
 
 
 def card_section(path, measured):
@@ -182,8 +195,9 @@ def card_section(path, measured):
     cfg, hist = meta["config"], meta["history"]
     net = utils.build_model(meta["arch"], **meta.get("arch_options", {}))
     stored = next(v.dtype for v in meta["model"].values() if v.is_floating_point())
-    lines = [f"## {meta['arch']}", "",
-             f"`{path}`: {TITLES.get(meta['arch'], meta['arch'])}, {utils.count_parameters(net):,} parameters, "
+    name = release_name(path)
+    lines = [f"## {name}", "",
+             f"`{path}`: {TITLES.get(name, name)}, {utils.count_parameters(net):,} parameters, "
              f"{(ROOT / path).stat().st_size / 2**20:.1f} MiB ({str(stored).replace('torch.', '')} weights), "
              f"SHA-256 of its contents `{meta[utils.DIGEST_KEY][:16]}…` (checked on every load).", "",
              f"**Recipe.** {recipe(cfg)}; batch {cfg['batch_size']}, {cfg['optimizer'].upper()} momentum "
@@ -207,9 +221,9 @@ def card_section(path, measured):
     if hist.get("overrides"):
         lines += ["", "Recipe changes made on resuming: " + "; ".join(hist["overrides"]) + "."]
     lines += ["", "**Reproduce and re-measure.**", "", "```",
-              train_command(cfg),
-              f"python -c \"import utils; utils.export_release('checkpoints/{cfg['arch']}_run/best.pth', 'checkpoints/my_{cfg['arch']}.pth', "
-              f"run_checkpoint=utils.latest_checkpoint('checkpoints/{cfg['arch']}_run'))\"",
+              train_command(cfg, name),
+              f"python -c \"import utils; utils.export_release('checkpoints/{name}_run/best.pth', 'checkpoints/my_{name}.pth', "
+              f"run_checkpoint=utils.latest_checkpoint('checkpoints/{name}_run'))\"",
               f"python bench/release_table.py {path}", "```", ""]
     return "\n".join(lines)
 

@@ -22,7 +22,7 @@ REFERENCE_REPORTS = (
     dict(report="224-pixel ResNet18 report", system="ImageNet-layout ResNet18, images resized to 224",
          figure=88.0, epochs=20, chosen="last epoch", release="checkpoints/resnet18_imagenet.pth"),
     dict(report="ResNet v1/v2 report", system="ResNet v1-110, standard blocks (Adam)", figure=89.81,
-         epochs=200, chosen="size on a validation split, then retrained", release="checkpoints/resnet110.pth"),
+         epochs=200, chosen="size on a validation split, then retrained", release="checkpoints/resnet110b.pth"),
     dict(report="ResNet v1/v2 report", system="ResNet v2-164, pre-activation bottlenecks (Adam)",
          figure=87.29, epochs=200, chosen="size on a validation split, then retrained",
          release="checkpoints/preact_resnet164.pth"),

@@ -24,7 +24,7 @@ print(json.dumps({"acc": float((pred == y).mean()), "training": model.training, 
 """
 
 
-@pytest.mark.parametrize("name", ["resnet20", "resnet18", "speedrun"])
+@pytest.mark.parametrize("name", [Path(path).stem for path in RESULTS] + ["speedrun"])
 def test_hub_pretrained_scores_the_readme_figure(name, real_cifar10, tmp_path):
     r = subprocess.run([sys.executable, "-c", SCRIPT, name, str(ROOT), os.environ["CIFAR10_DIR"]], cwd=tmp_path,
                        capture_output=True, text=True, timeout=900)
@@ -45,6 +45,19 @@ def test_hub_offers_every_architecture_untrained_and_refuses_unreleased_weights(
         assert not model.training and model.preprocess.size == utils.input_size(name) and len(model.classes) == 10
     with pytest.raises(ValueError, match="no released weights for resnet56"):
         hubconf.resnet56(pretrained=True)
+    # a release's variant has its own entry: the ResNet20 report's projection-shortcut net, its 272,474 parameters
+    assert utils.count_parameters(hubconf.resnet20b(pretrained=False)) == 272_474
+
+
+def test_every_release_has_an_entry_point_and_its_untrained_twin_is_the_same_network():
+    import hubconf
+    import utils
+    assert {f"checkpoints/{name}.pth" for name in hubconf.RELEASES} >= set(RESULTS)
+    for name, path in hubconf.RELEASES.items():
+        meta = utils.load_checkpoint(ROOT / path)
+        shapes = {k: v.shape for k, v in meta["model"].items()}
+        untrained = getattr(hubconf, name)(pretrained=False)
+        assert {k: v.shape for k, v in untrained.state_dict().items()} == shapes, name
 
 
 def test_hub_preprocess_refuses_what_loaded_model_refuses():
