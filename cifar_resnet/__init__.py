@@ -12,8 +12,8 @@ Bottom to top (each module imports only from the ones above it in this list):
     views        test-time views: names, check, averaged probabilities                  (notebooks 04, 06)
     quantize     int8 inference on x86 CPUs                                             (notebook 04)
     predict      Loaded_model, per-class accuracy, mistakes, calibration                (notebook 04)
-    reports      the reference reports and this project's run of each one's system       (notebook 04)
-    speed        the speed run: its recipe and training                                   (notebook 06)
+    reports      the reference reports and this project's run of each one's system      (notebook 04)
+    speed        the speed run: its recipe and training                                 (notebook 06)
     pictures     every figure                                                           (notebooks 01-06)
 
 `utils.py` at the project root re-exports every public name, so notebooks write `utils.NAME`.
