@@ -33,9 +33,9 @@ TEST_ACC, TTA_ACC = 3, 4  # columns of the results table (0-based)
 def readme_speedrun_figures():
     """(single view, with test-time views) in percent of the speed run's release, from its row in README.md."""
     for line in (ROOT / "README.md").read_text().splitlines():
-        if line.startswith("| seed 0 (") and release_table.SPEEDRUN in line:
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            return float(cells[1].rstrip("%")), float(cells[2].rstrip("%"))
+        if f"[`{release_table.SPEEDRUN}`]" in line:  # the last cell: "[`file`](card): views% / single%"
+            views, single = re.findall(r"(\d+\.\d+)%", line.strip("|").split("|")[-2])
+            return float(single), float(views)
     raise AssertionError(f"README.md has no speed-run row for {release_table.SPEEDRUN}")
 
 
@@ -68,6 +68,13 @@ def test_readme_figures_and_fast_path_agree_with_measurement(path, test_set, mea
         assert abs(fast_acc - acc) <= 0.1, f"bf16 path {fast_acc:.2f}% vs fp32 {acc:.2f}%"
 
 
+def test_reports_table_bolds_our_figure_only_where_it_reaches_the_reports():
+    release = "checkpoints/resnet18.pth"  # the ResNet18 course report: 92.12%
+    for single, bold in ((92.12, True), (93.0, True), (92.11, False)):
+        row = next(line for line in utils.reports_table({release: (single, 94.0)}) if "ResNet18 course" in line)
+        assert (f"**{single:.2f}%**" in row) == bold and f"{single:.2f}%" in row
+
+
 def test_readme_rows_and_model_card_are_what_the_release_files_give():
     """The rows and the card regenerated from the files and the README's test figures (checked above) are the
     committed ones: a release file that changes without its card (or its row) fails here."""
@@ -94,8 +101,9 @@ def test_release_history_shows_stages_and_validation_selection(path):
     assert "optimizer" not in meta and "rng" not in meta
     assert meta[utils.DIGEST_KEY] == utils.payload_digest(meta)  # integrity: checked on every load, present here
     lrs, val = history["lr"], history["val_acc"]
-    assert sorted(set(lrs), reverse=True) == [lr for lr, _ in meta["config"]["stages"]]  # every stage ran
-    assert lrs == sorted(lrs, reverse=True) and len(lrs) == meta.get("epochs_run", meta["epoch"])
+    runs_of_one_lr = [lr for i, lr in enumerate(lrs) if i == 0 or lr != lrs[i - 1]]
+    assert runs_of_one_lr == [lr for lr, _ in meta["config"]["stages"]]  # every stage ran, in order (a warm-up too)
+    assert len(lrs) == meta.get("epochs_run", meta["epoch"])
     assert len(history["hardware"]) == len(lrs)  # where and in what precision each epoch ran
     assert val.index(max(val)) + 1 == meta["epoch"] and max(val) == meta["best_val_acc"]  # chosen on validation
 
