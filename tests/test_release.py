@@ -34,7 +34,7 @@ def readme_speedrun_figures():
     """(single view, with test-time views) in percent of the speed run's release, from its row in README.md."""
     for line in (ROOT / "README.md").read_text().splitlines():
         if f"[`{release_table.SPEEDRUN}`]" in line:  # the last cell: "[`file`](card): views% / single%"
-            views, single = re.findall(r"(\d+\.\d+)%", line.strip("|").split("|")[-2])
+            views, single = re.findall(r"(\d+\.\d+)%", line.strip(" |").split("|")[-1])
             return float(single), float(views)
     raise AssertionError(f"README.md has no speed-run row for {release_table.SPEEDRUN}")
 
