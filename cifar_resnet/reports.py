@@ -36,8 +36,8 @@ def reports_table(measured):
 
     measured: {release path: (single view, flip TTA) test accuracy in percent}, for the release files that exist; a
     report whose release is not in it gets a row that says so. Our single-view figure is bold where it is at least
-    the report's. Epochs, training hours (wall clock, on
-    the machines the history names) and the selected epoch are read from each release file's own history.
+    the report's. Epochs, training hours (wall clock, on the machines the history names) and the selected epoch
+    are read from each release file's own history.
     """
     lines = ["| report | system | its figure | its epochs | its choice | ours: single view | flip TTA | "
              "epochs | training hours | our choice |",
@@ -51,7 +51,7 @@ def reports_table(measured):
         meta = load_checkpoint(PROJECT_DIR / entry["release"])
         history = meta["history"]
         single, tta = measured[entry["release"]]
-        ours = f"**{single:.2f}%**" if single >= entry["figure"] else f"{single:.2f}%"  # bold: at or above
+        ours = f"**{single:.2f}%**" if single >= entry["figure"] else f"{single:.2f}%"
         lines.append(f"{theirs} {ours} | {tta:.2f}% | {len(history['epoch'])} | "
                      f"{sum(history['seconds']) / 3600:.1f} | best validation epoch ({meta['epoch']}) |")
     return lines
