@@ -80,7 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--limit-train", type=positive_int, help="train on the first N images of the split (smoke runs)")
     p.add_argument("--limit-val", type=positive_int, help="validate on the first N validation images")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", nargs="?", const="on", default="auto", choices=utils.COMPILE_CHOICES,
+                   help="torch.compile the model: auto (on a GPU; eager on a CPU, where it measures faster), "
+                        "on (--compile alone) or off")
     p.add_argument("--tensorboard", help="folder for TensorBoard scalars")
     p.add_argument("--no-progress", action="store_true", help="no per-epoch progress bar")
     args = p.parse_args(argv)
@@ -216,7 +218,8 @@ def run(p, args, rank, world_size, device):
               "To train longer, give longer --stages with --override.")
         return
     if rank == 0:
-        print(f"{cfg.arch} on {device} ({trainer.precision}), {world_size} process(es) of batch {trainer.batch_per_rank}, "
+        print(f"{cfg.arch} on {device} ({trainer.precision}, {trainer.compile_note}), {world_size} process(es) of "
+              f"batch {trainer.batch_per_rank}, "
               f"{len(trainer.train_loader.y)} train / {len(trainer.val_loader.y)} val images, "
               f"from epoch {trainer.epoch} stage {trainer.stage + 1}, stages {cfg.stages}", flush=True)
     try:

@@ -12,7 +12,7 @@ import torch
 
 from .data import COMMON_STD, TRUE_STD, Preprocess
 from .models import canonical_arch_options, input_size
-from .runtime import check_precision
+from .runtime import check_compile, check_precision
 
 __all__ = ["TrainConfig", "RecipeMismatchError", "RECIPE_FIELDS", "parse_stages", "scale_stages", "stage_lr",
            "make_optimizer", "recipe_differences"]
@@ -48,7 +48,7 @@ class TrainConfig:
     keep_last: int = 3  # resume checkpoints kept besides the stage ends
     patience: int | None = None  # stop a stage when val acc has not improved by min_delta in this many epochs
     min_delta: float = 0.0
-    compile: bool = False
+    compile: str = "auto"  # torch.compile: 'auto', 'on' or 'off' (runtime.resolve_compile says what auto does)
 
     def __post_init__(self):
         self.stages = [(float(lr), int(end)) for lr, end in self.stages]
@@ -68,6 +68,7 @@ class TrainConfig:
         if self.std not in STDS:
             raise ValueError(f"std must be one of {', '.join(map(repr, STDS))}; got {self.std!r}")
         check_precision(self.precision)
+        self.compile = check_compile(self.compile)
         if self.input_size is not None and not (isinstance(self.input_size, int) and self.input_size >= 32):
             raise ValueError("input_size must be a whole number of pixels, at least 32, or None; "
                              f"got {self.input_size!r}")

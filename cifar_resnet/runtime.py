@@ -28,7 +28,8 @@ __all__ = ["PROJECT_DIR", "PRECISIONS", "PREDICT_PRECISIONS", "DTYPES", "BF16_MI
            "cpu_fields", "cpu_name", "cpu_has_native_bf16", "cpu_has_vnni", "cpu_bf16_speedup",
            "hardware_label", "machine_name", "AUTO_PRECISION_ENV", "auto_precision_override",
            "precision_choice", "runtime_summary", "setup_notebook", "runtime_requirements",
-           "install_missing_requirements", "seed_everything", "library_versions"]
+           "install_missing_requirements", "seed_everything", "library_versions", "COMPILE_CHOICES",
+           "check_compile", "compiler_missing", "resolve_compile"]
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
@@ -195,6 +196,57 @@ def precision_choice(device):
     speedup = cpu_bf16_speedup()
     verdict = "faster" if speedup >= BF16_MIN_SPEEDUP else "not faster"
     return f"bf16 instructions, bf16 matmul measured {speedup:.1f}x fp32: {verdict}"
+
+
+# ----------------------------------------------------------------------------- torch.compile (notebook 03)
+
+COMPILE_CHOICES = ("auto", "on", "off")  # TrainConfig.compile and train.py --compile
+
+
+def check_compile(choice):
+    """'auto', 'on' or 'off' (True and False, as older checkpoints recorded it, read as 'on' and 'off')."""
+    choice = {True: "on", False: "off"}.get(choice, choice) if isinstance(choice, bool) else choice
+    if choice not in COMPILE_CHOICES:
+        raise ValueError(f"compile must be one of {', '.join(map(repr, COMPILE_CHOICES))}; got {choice!r}")
+    return choice
+
+
+def compiler_missing(device):
+    """Why torch.compile cannot build kernels for `device` here (a few words), or None when it can.
+
+    Inductor writes C++ for a CPU, so it needs a C++ compiler (g++, or the one $CXX names), and Triton kernels for a
+    GPU (the `triton` package). Without them a compiled model fails at its first step, not when it is built.
+    """
+    try:
+        if torch.device(device).type == "cuda":
+            from torch.utils._triton import has_triton  # private, but the check Inductor itself makes
+            return None if has_triton() else "the triton package is missing"
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        get_cpp_compiler()
+        return None
+    except Exception:  # noqa: BLE001 - InvalidCxxCompiler, or a torch whose private layout moved
+        return "no C++ compiler found (g++ or $CXX)" if torch.device(device).type == "cpu" else \
+            "no GPU compiler found"
+
+
+def resolve_compile(device, choice="auto"):
+    """(compile or not, why in a few words) for 'auto', 'on' or 'off' on this device.
+
+    'auto' compiles on a GPU, where Inductor fuses the batch norms and activations into few kernels, and not on a
+    CPU: there `python bench/train_throughput.py --compile` measures the compiled training step slower than the
+    eager one (channels_last, bf16 or fp32) for ResNet20 and the speed-run network. 'on' compiles unless no
+    compiler is found, and says so instead of failing at the first step.
+    """
+    choice = check_compile(choice)
+    device = torch.device(device)
+    if choice == "off":
+        return False, "compile off"
+    if choice == "auto" and device.type == "cpu":
+        return False, "auto: eager, measured faster on a CPU"
+    missing = compiler_missing(device)
+    if missing:
+        return False, f"not compiled: {missing}"
+    return True, f"compiled{' (auto on a GPU)' if choice == 'auto' else ''}"
 
 
 def runtime_summary():

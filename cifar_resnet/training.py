@@ -25,7 +25,7 @@ from .data import CLASSES, BatchLoader, data_fingerprint, describe_data
 from .models import build_model, canonical_arch_options
 from .quick import shrink_run_for_tests
 from .recipe import RecipeMismatchError, make_optimizer, recipe_differences, stage_lr
-from .runtime import autocast, get_device, hardware_label, resolve_precision
+from .runtime import autocast, get_device, hardware_label, resolve_compile, resolve_precision
 
 __all__ = ["NonFiniteLossError", "train_epoch", "evaluate", "Counters", "Trainer", "start_or_resume"]
 
@@ -196,6 +196,7 @@ class Trainer:
                  tensorboard_dir=None):
         self.cfg, self.device, self.rank, self.world_size = cfg, get_device(device), rank, world_size
         self.precision = resolve_precision(self.device, cfg.precision)
+        self.compiled, self.compile_note = resolve_compile(self.device, cfg.compile)  # note: a few words why
         if self.device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
         self.progress = progress and rank == 0
@@ -233,7 +234,7 @@ class Trainer:
         return train, BatchLoader(x_val, y_val, 500, pre, device=self.device)
 
     def _wrap(self, net):
-        model = torch.compile(net) if self.cfg.compile else net
+        model = torch.compile(net) if self.compiled else net
         if self.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)

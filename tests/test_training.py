@@ -303,13 +303,41 @@ def test_progress_in_a_saved_notebook_reads_as_its_last_state():
 def test_compile_switch_trains_the_same_as_eager(tmp_path):
     """TrainConfig(compile=True) runs the network through torch.compile (Inductor); one epoch's losses agree with
     eager mode to float tolerance, and the compiled model is the one that trained."""
-    eager = tiny_trainer(tmp_path / "eager", stages=[(0.1, 1)], precision="fp32")
+    eager = tiny_trainer(tmp_path / "eager", stages=[(0.1, 1)], precision="fp32", compile="off")
     compiled = tiny_trainer(tmp_path / "compiled", stages=[(0.1, 1)], precision="fp32", compile=True)
     assert compiled.model is not compiled.net and eager.model is eager.net
     eager_loss, compiled_loss = eager.fit()["train_loss"][0], compiled.fit()["train_loss"][0]
     assert compiled_loss == pytest.approx(eager_loss, rel=1e-3)
     for (name, a), b in zip(eager.net.state_dict().items(), compiled.net.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-3), name  # the same weights after the epoch
+
+
+def test_compile_auto_is_eager_on_a_cpu_and_on_falls_back_in_one_line_without_a_compiler(tmp_path, monkeypatch):
+    """'auto' keeps a CPU eager (measured faster there) and compiles on a GPU that has a compiler; 'on' without a
+    compiler trains eager and says why, instead of failing at the first step; bools read as 'on' / 'off'."""
+    assert utils.resolve_compile("cpu", "auto") == (False, "auto: eager, measured faster on a CPU")
+    assert utils.resolve_compile("cpu", "off")[0] is False
+    assert utils.TrainConfig(compile=True).compile == "on" and utils.TrainConfig(compile=False).compile == "off"
+    with pytest.raises(ValueError, match="compile must be one of 'auto', 'on', 'off'; got 'yes'"):
+        utils.TrainConfig(compile="yes")
+    monkeypatch.setattr(runtime, "compiler_missing", lambda device: None)
+    assert utils.resolve_compile("cuda", "auto") == (True, "compiled (auto on a GPU)")
+    assert utils.resolve_compile("cpu", "on") == (True, "compiled")
+    monkeypatch.setattr(runtime, "compiler_missing", lambda device: "no C++ compiler found (g++ or $CXX)")
+    trainer = tiny_trainer(tmp_path, stages=[(0.1, 1)], precision="fp32", compile="on")
+    assert trainer.model is trainer.net and trainer.compile_note == "not compiled: no C++ compiler found (g++ or $CXX)"
+
+
+def test_compiler_missing_detects_the_cpp_compiler_inductor_would_use():
+    """On these machines g++ is there (None); with $CXX naming a compiler that does not exist and no g++ on the
+    PATH, the check says so. Run in fresh interpreters: Inductor reads $CXX once, when it is imported."""
+    probe = "from cifar_resnet.runtime import compiler_missing; print(compiler_missing('cpu'))"
+    env = dict(os.environ, PYTHONPATH=str(utils.PROJECT_DIR))
+    found = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "None"
+    env |= dict(CXX="/nonexistent/c++", PATH=str(Path(sys.executable).parent))
+    missing = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert missing.stdout.strip() == "no C++ compiler found (g++ or $CXX)"
 
 
 @pytest.mark.parametrize("label, name", [
