@@ -5,7 +5,10 @@ loading the arrays to the final test accuracy, and those seconds scaled to a mac
 precision is 800 GFLOP/s (seconds x measured peak / 800). The peaks are measured in the same process, before the runs.
 Run it on an otherwise idle machine, one run at a time.
 
-    python bench/speedrun.py --runs 5 [--epochs E] [--device cpu] [--json FILE] [--save checkpoints/speedrun.pth]
+    python bench/speedrun.py [--recipe tier94_sgd] --runs 5 [--epochs E] [--device cpu] [--json FILE] [--save FILE]
+
+--recipe names one of utils.SPEEDRUN_RECIPES (default tier94_sgd, the first lap's); their results files are
+checkpoints/speedrun_runs.json (tier94_sgd), speedrun94_runs.json (tier94_muon) and speedrun95_runs.json (tier95).
 
 With --json, each finished run is written at once; an existing file whose recipe matches is continued (its runs are
 kept and the next seed values run), so a long protocol can span sessions and machines (each run keeps its own peak).
@@ -110,25 +113,28 @@ def peer_run(name, cfg, peaks, data_dir, folder):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=5, help="number of runs, with seed 0 to N-1 (default 5)")
-    p.add_argument("--epochs", type=float, default=utils.SpeedRunConfig.epochs)
+    p.add_argument("--recipe", default="tier94_sgd", choices=list(utils.SPEEDRUN_RECIPES),
+                   help="the named recipe (default tier94_sgd, the first lap's)")
+    p.add_argument("--epochs", type=float, help="train this many epochs instead of the recipe's")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", type=Path, help="write (and continue) the results here")
     p.add_argument("--save", type=Path, help="write seed 0's model here as a release file")
     p.add_argument("--data", help="CIFAR-10 folder (else CIFAR10_DIR, data/)")
     p.add_argument("--peer", choices=sorted(peer.PEERS), help="also train the peer's own code, seed by seed")
     args = p.parse_args()
-    if args.runs < 1 or args.epochs <= 0:
+    if args.runs < 1 or args.epochs is not None and args.epochs <= 0:
         p.error(f"--runs must be at least 1 and --epochs above 0; got {args.runs} and {args.epochs}")
     if utils.find_cifar10(args.data) is None:
         p.error("no CIFAR-10 found: give --data FOLDER or set CIFAR10_DIR (the folder of x_train.npy ...)")
     device = utils.get_device(args.device)
     if args.peer and (device.type != "cpu" or args.save or importlib.util.find_spec("airbench") is None):
         p.error("--peer runs on the CPU, without --save, and needs the airbench package (requirements-dev.txt)")
-    recipe = asdict(utils.SpeedRunConfig(epochs=args.epochs))
-    results = {"recipe": recipe, "runs": []} | ({"peer": args.peer} if args.peer else {})
+    cfg = utils.speedrun_recipe(args.recipe, **({} if args.epochs is None else {"epochs": args.epochs}))
+    recipe = asdict(cfg)
+    results = {"recipe_name": args.recipe, "recipe": recipe, "runs": []} | ({"peer": args.peer} if args.peer else {})
     if args.json and args.json.exists():
         results = json.loads(args.json.read_text())
-        if results.get("recipe") != recipe or results.get("peer") != args.peer:
+        if not utils.same_recipe(results.get("recipe", {}), cfg) or results.get("peer") != args.peer:
             p.error(f"{args.json} holds runs of another recipe or peer; choose another --json file "
                     "(nothing is overwritten)")
     seed_0_runs = 0 not in {r["seed"] for r in results["runs"]}  # --save applies to seed 0's run only

@@ -43,7 +43,7 @@ def main():
     needs_full = "full" in args.tricks or "tta" in args.tricks
     def finished_row(cfg):
         """The row of this recipe and training-set size already in the file, or None."""
-        return next((r for r in results["rows"] if r["config"] == asdict(cfg) and r["train_images"] == len(y_tr)), None)
+        return next((r for r in results["rows"] if utils.same_recipe(r["config"], cfg) and r["train_images"] == len(y_tr)), None)
 
     for trick in ["full"] * needs_full + [t for t in args.tricks if t != "full"]:
         cfg = full if trick == "full" else utils.without_trick(full, trick)

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["PadShortcut", "BasicBlock", "PlainBlock", "PreActBlock", "PreActBottleneck", "ResNet",
            "SpeedRunGroup", "SpeedRunNet", "without_batch_norm", "build_model", "list_models", "input_size",
-           "canonical_arch_options",
+           "canonical_arch_options", "SPEEDRUN_WIDTHS",
            "count_parameters", "count_macs", "layer_table", "strip_module_prefix", "find_state_dict", "guess_arch",
            "load_weights"]
 
@@ -209,10 +209,13 @@ class SpeedRunGroup(nn.Module):
         return x + out if self.residual else out
 
 
+SPEEDRUN_WIDTHS = (64, 256, 256)  # the first lap's (airbench94's) channels of the speed-run net's three groups
+
+
 class SpeedRunNet(nn.Module):
     """The speed run's network: a 2x2 whitening stem, three groups of widths 64/256/256, max-pool, linear / 9."""
 
-    def __init__(self, num_classes=10, widths=(64, 256, 256), residual=True):
+    def __init__(self, num_classes=10, widths=SPEEDRUN_WIDTHS, residual=True):
         super().__init__()
         self.whiten = nn.Conv2d(3, 24, 2)  # 24 = both signs of the 12 eigenvectors of 2x2x3 patches
         planes = [24, *widths]
@@ -244,9 +247,11 @@ def _cifar_depth(name, prefix, step):
 
 def _speedrun_model(num_classes, options):
     residual = options.pop("residual", True)
-    if options or not isinstance(residual, bool):
-        raise TypeError(f"speedrun takes one option, residual=True or False; got {options or residual!r}")
-    return SpeedRunNet(num_classes, residual=residual)
+    widths = tuple(options.pop("widths", SPEEDRUN_WIDTHS))
+    if options or not isinstance(residual, bool) or len(widths) != 3:
+        raise TypeError("speedrun takes residual=True or False and widths=(three channel counts); got "
+                        f"{options or dict(residual=residual, widths=widths)!r}")
+    return SpeedRunNet(num_classes, widths=widths, residual=residual)
 
 
 def without_batch_norm(model):
@@ -261,8 +266,8 @@ def without_batch_norm(model):
 
 
 def build_model(name, num_classes=10, **options):
-    """A model by name (see list_models()); options: shortcut='A'|'B' for the 6n+2 family, residual for speedrun,
-    batch_norm=False for any ResNet without its batch norms."""
+    """A model by name (see list_models()); options: shortcut='A'|'B' for the 6n+2 family, residual and widths for
+    speedrun, batch_norm=False for any ResNet without its batch norms."""
     if name == "speedrun":
         return _speedrun_model(num_classes, options)
     batch_norm = options.pop("batch_norm", True)
@@ -320,6 +325,7 @@ def canonical_arch_options(arch, options):
         options.setdefault("shortcut", "B")
     elif arch == "speedrun":
         options.setdefault("residual", True)
+        options["widths"] = list(options.get("widths", SPEEDRUN_WIDTHS))
     return options
 
 # ----------------------------------------------------------------------------- counting (notebooks 02, 06)

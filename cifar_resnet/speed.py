@@ -15,13 +15,13 @@ import torch.nn.functional as F
 
 from .checkpoints import release_payload
 from .data import TRUE_STD, Preprocess, augment_batch, draw_augmentation, images_to_tensor, labels_to_tensor
-from .models import build_model
+from .models import SPEEDRUN_WIDTHS, build_model
 from .quick import shrink_images_for_tests
 from .runtime import autocast, check_precision, get_device, hardware_label, resolve_precision
 from .training import NonFiniteLossError
 from .views import check_tta, tta_accuracy
 
-__all__ = ["SpeedRunConfig", "SPEEDRUN_TRICKS", "without_trick", "whitening_filters", "speedrun_lr_factor",
+__all__ = ["SpeedRunConfig", "SPEEDRUN_RECIPES", "speedrun_recipe", "same_recipe", "SPEEDRUN_TRICKS", "without_trick", "whitening_filters", "speedrun_lr_factor",
            "newton_schulz", "Muon", "Optimizers", "speedrun_optimizer", "Lookahead", "speedrun_flips",
            "speedrun_inputs", "speedrun_scores", "speedrun", "speedrun_checkpoint"]
 
@@ -37,12 +37,14 @@ class SpeedRunConfig:
     """The speed run's recipe (after Keller Jordan's airbench94); each trick is a switch the ablation turns off."""
 
     epochs: float = 10.0
+    widths: tuple = SPEEDRUN_WIDTHS  # channels of the network's three groups
     batch_size: int = 512  # 1,024 runs slower on a 2-core CPU (the activations leave the cache)
     lr: float = 11.5  # airbench's units: per 1,024 images of summed loss, with momentum's gain divided out
     momentum: float = 0.85
     weight_decay: float = 0.0153  # per 1,024 images, independent of the learning rate
     nesterov: bool = True
-    warmup: float = 0.2  # fraction of the steps in which the lr rises from 0.2x to its peak; then linear to 0
+    warmup: float = 0.2  # fraction of the steps in which the lr rises from 0.2x to its peak; then linear to lr_end
+    lr_end: float = 0.0  # the lr's multiple at the last step
     label_smoothing: float = 0.2
     whitening: bool = True  # first layer's filters from the training patches' covariance, frozen
     whiten_bias_epochs: float = 3.0  # the whitening layer's bias trains this long, then freezes
@@ -65,6 +67,42 @@ class SpeedRunConfig:
         if not (self.epochs > 0 and self.batch_size >= 1 and 0 <= self.warmup < 1 and self.translate >= 0):
             raise ValueError("epochs must be > 0, batch_size >= 1, warmup in [0, 1) and translate >= 0; got "
                              f"{self.epochs}, {self.batch_size}, {self.warmup}, {self.translate}")
+        self.widths = tuple(self.widths)  # a list when read back from JSON
+        if len(self.widths) != 3 or not all(isinstance(w, int) and w >= 1 for w in self.widths):
+            raise ValueError(f"widths must be three channel counts, got {self.widths}")
+        if not 0 <= self.lr_end <= 1:
+            raise ValueError(f"lr_end is a multiple of the peak lr in [0, 1], got {self.lr_end}")
+
+
+# The named recipes, one per tier of the speed run. Each is fixed on the validation split before its five final
+# runs; bench/speedrun.py --recipe NAME runs the final protocol and README.md lists what each reached.
+SPEEDRUN_RECIPES = {
+    # The first lap, after airbench94: 10 epochs of Nesterov SGD with lookahead.
+    "tier94_sgd": SpeedRunConfig(),
+    # After airbench94_muon: 8 epochs; the filters step by Muon at batch 2,000 (its update is normalized, so its
+    # step per epoch grows with the number of steps: the batch is part of its lr); no warm-up, no lookahead;
+    # batch-norm biases at 36x the lr, airbench94_muon's 0.053 in these units.
+    "tier94_muon": SpeedRunConfig(epochs=8, batch_size=2000, muon=True, lookahead=False, warmup=0.0,
+                                  bias_lr_scale=36.0),
+    # After airbench95: widths 128/384/384, 15 epochs, lr 10 rising over 23% of the steps and ending at 0.07x.
+    "tier95": SpeedRunConfig(epochs=15, widths=(128, 384, 384), lr=10.0, warmup=0.23, lr_end=0.07),
+}
+
+
+def speedrun_recipe(name, **changes):
+    """A named recipe of SPEEDRUN_RECIPES, with any fields changed (epochs=..., seed=...)."""
+    if name not in SPEEDRUN_RECIPES:
+        raise ValueError(f"unknown speed-run recipe {name!r}; the recipes are {', '.join(SPEEDRUN_RECIPES)}")
+    return SpeedRunConfig(**{**asdict(SPEEDRUN_RECIPES[name]), **changes})
+
+
+def same_recipe(recorded, cfg):
+    """Whether a recipe recorded in a results file (a dict) is `cfg`. A field added to SpeedRunConfig after the
+    file was written reads as its default, which is what the code did before the field existed."""
+    try:
+        return asdict(SpeedRunConfig(**recorded)) == asdict(cfg)
+    except (TypeError, ValueError):  # a field this code does not know, or a value it refuses
+        return False
 
 
 SPEEDRUN_TRICKS = ("whitening", "lookahead", "alternating_flip", "label_smoothing", "translate", "tta",
@@ -88,9 +126,11 @@ def whitening_filters(images, eps=5e-4):
 
 
 def speedrun_lr_factor(cfg, step, total):
-    """The learning rate's multiple at a step: linear from 0.2 to 1 over the warm-up, then linear to 0."""
+    """The learning rate's multiple at a step: linear from 0.2 to 1 over the warm-up, then linear to lr_end."""
     top = cfg.warmup * total
-    return 0.2 + 0.8 * step / top if step < top else (total - step) / (total - top)
+    if step < top:
+        return 0.2 + 0.8 * step / top
+    return cfg.lr_end + (1 - cfg.lr_end) * (total - step) / (total - top)
 
 
 def newton_schulz(grad, steps=5, eps=1e-7):
@@ -213,11 +253,15 @@ def speedrun(cfg, x_train, y_train, x_eval=None, y_eval=None, device=None, log=p
     device = get_device(device)
     precision = resolve_precision(device, cfg.precision)
     x_train, y_train = shrink_images_for_tests(x_train, y_train)
+    if len(y_train) < cfg.batch_size:  # an epoch is whole batches: there would be no step to take
+        raise ValueError(f"the recipe's batch of {cfg.batch_size} images needs at least that many training "
+                         f"images; got {len(y_train)}")
     x, y = (t.to(device) for t in speedrun_inputs(x_train, y_train))
     if x_eval is not None:
         x_ev, y_ev = speedrun_inputs(x_eval, y_eval)
     torch.manual_seed(cfg.seed)
-    net = build_model("speedrun", residual=cfg.residual).to(device, memory_format=torch.channels_last)
+    net = build_model("speedrun", residual=cfg.residual, widths=cfg.widths)
+    net = net.to(device, memory_format=torch.channels_last)
     if cfg.whitening:
         net.whiten.weight.data.copy_(whitening_filters(x[:5000]))
         net.whiten.weight.requires_grad_(False)
@@ -278,8 +322,15 @@ def speedrun(cfg, x_train, y_train, x_eval=None, y_eval=None, device=None, log=p
     return dict(model=net, history=history, precision=precision, hardware=hardware_label(device, precision))
 
 
+def speedrun_arch_options(cfg):
+    """The network's options a release file records: the shortcut switch, and the widths where they differ from
+    the first lap's (so its files keep loading as they were written)."""
+    widths = {"widths": list(cfg.widths)} if cfg.widths != SPEEDRUN_WIDTHS else {}
+    return {"residual": cfg.residual} | widths
+
+
 def speedrun_checkpoint(cfg, result, **extra):
     """A release payload for a finished speed run: what Loaded_model and the hub read, plus its recipe and history."""
-    return release_payload("speedrun", {"residual": cfg.residual}, Preprocess(std=TRUE_STD), asdict(cfg),
+    return release_payload("speedrun", speedrun_arch_options(cfg), Preprocess(std=TRUE_STD), asdict(cfg),
                            result["model"], result["history"], result["precision"], tta=cfg.tta,
                            hardware=result["hardware"], **extra)

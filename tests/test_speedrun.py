@@ -126,6 +126,51 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert utils.speedrun_lr_factor(utils.without_trick(cfg, "warmup"), 0, 100) == 1
 
 
+def test_learning_rate_can_end_above_zero():
+    cfg = utils.speedrun_recipe("tier95")  # airbench95's triangle: 0.2x, 1x at 23% of the steps, 0.07x at the end
+    factors = [utils.speedrun_lr_factor(cfg, s, 100) for s in range(101)]
+    assert factors[0] == pytest.approx(0.2) and factors[23] == pytest.approx(1) and factors[100] == pytest.approx(0.07)
+    assert all(a > b for a, b in zip(factors[23:], factors[24:]))  # falling all the way down
+    with pytest.raises(ValueError, match="lr_end"):
+        utils.SpeedRunConfig(lr_end=1.5)
+
+
+def test_named_recipes_and_recorded_recipes_compare_with_the_fields_added_since():
+    assert utils.SPEEDRUN_RECIPES["tier94_sgd"] == utils.SpeedRunConfig()  # the first lap's, unchanged
+    first_lap = json.loads((ROOT / "checkpoints" / "speedrun_runs.json").read_text())["recipe"]
+    assert "widths" not in first_lap and utils.same_recipe(first_lap, utils.speedrun_recipe("tier94_sgd"))
+    assert not utils.same_recipe(first_lap, utils.speedrun_recipe("tier94_muon"))
+    assert not utils.same_recipe({**first_lap, "widths": [128, 384, 384]}, utils.speedrun_recipe("tier94_sgd"))
+    assert not utils.same_recipe({**first_lap, "mixup": True}, utils.SpeedRunConfig())  # a field unknown here
+    muon = utils.speedrun_recipe("tier94_muon", seed=3)
+    assert muon.seed == 3 and muon.muon and not muon.lookahead and muon.epochs == 8
+    assert utils.SPEEDRUN_RECIPES["tier94_muon"].seed == 0  # the named recipe itself is not changed
+    with pytest.raises(ValueError, match="unknown speed-run recipe 'tier96'; the recipes are tier94_sgd"):
+        utils.speedrun_recipe("tier96")
+    with pytest.raises(ValueError, match="widths must be three channel counts"):
+        utils.SpeedRunConfig(widths=(64, 256))
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_before_any_step():
+    x, y = make_fake_arrays(100)[:2]
+    with pytest.raises(ValueError, match="batch of 2000 images needs at least that many training images; got 100"):
+        utils.speedrun(utils.speedrun_recipe("tier94_muon"), x, y, log=None)
+
+
+def test_widths_are_recorded_in_the_release_file_and_rebuilt_by_loaded_model(tmp_path):
+    x, y = make_fake_arrays(256)[:2]
+    cfg = utils.SpeedRunConfig(epochs=1, batch_size=64, widths=(16, 32, 48), precision="fp32")
+    result = utils.speedrun(cfg, x, y, log=None)
+    assert result["model"].linear.in_features == 48
+    path = utils.save_checkpoint(utils.speedrun_checkpoint(cfg, result), tmp_path / "narrow.pth")
+    assert torch.load(path, weights_only=True)["arch_options"] == {"residual": True, "widths": [16, 32, 48]}
+    loaded = utils.Loaded_model(path, precision="fp32")
+    expected = utils.tta_probabilities(result["model"].eval(), utils.speedrun_inputs(x[:8], y[:8])[0], cfg.tta)
+    np.testing.assert_allclose(loaded.predict_proba(x[:8]), expected.numpy(), atol=1e-5)
+    default = utils.speedrun_checkpoint(utils.SpeedRunConfig(), dict(result, model=utils.build_model("speedrun")))
+    assert default["arch_options"] == {"residual": True}  # the first lap's files, as they were written
+
+
 def test_tricks_switch_off_one_at_a_time():
     cfg = utils.SpeedRunConfig()
     for trick in utils.SPEEDRUN_TRICKS:
@@ -196,6 +241,18 @@ def test_bench_writes_and_continues_its_results_file(tmp_path):
     assert json.loads(out.read_text()) == results  # untouched
 
 
+def test_bench_runs_a_named_recipe_and_records_its_name(tmp_path):
+    write_npy(tmp_path / "data", make_fake_arrays(2100, 100))
+    out = tmp_path / "runs94.json"
+    run = run_bench(tmp_path, "--recipe", "tier94_muon", "--runs", "1", "--json", str(out))
+    assert run.returncode == 0, run.stderr
+    results = json.loads(out.read_text())
+    assert results["recipe_name"] == "tier94_muon"
+    assert utils.same_recipe(results["recipe"], utils.speedrun_recipe("tier94_muon", epochs=1))
+    other = run_bench(tmp_path, "--runs", "1", "--json", str(out))  # the default recipe is another one
+    assert other.returncode != 0 and "another recipe" in other.stderr
+
+
 def test_bench_refuses_bad_arguments_before_any_work(tmp_path):
     write_npy(tmp_path / "data", make_fake_arrays(100, 20))
     existing = tmp_path / "speedrun.pth"
@@ -226,7 +283,7 @@ def test_ablation_scores_the_tta_row_from_the_full_run_and_keeps_finished_rows(t
     assert set(rows) == {"full", "tta"}  # the full run first, then its single view is the tta row
     full, tta = rows["full"], rows["tta"]
     assert tta["val_acc_tta"] == tta["val_acc"] == full["val_acc"] and tta["seconds"] == full["seconds"]
-    assert tta["config"] == asdict(utils.without_trick(utils.SpeedRunConfig(epochs=1), "tta"))
+    assert utils.same_recipe(tta["config"], utils.without_trick(utils.SpeedRunConfig(epochs=1), "tta"))
     written = out.read_text()
     second = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert second.returncode == 0 and "---" not in second.stdout and second.stdout.count("kept") == 2
