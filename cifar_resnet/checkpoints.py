@@ -325,11 +325,14 @@ class RunFolder:
 
 
 def save_history(checkpoint_path, out_path):
-    """Write a run's architecture, recipe and per-epoch history (no weights) as a small JSON file."""
+    """Write a run's architecture, recipe, data (image counts and digest) and per-epoch history, without the
+    weights, as a small JSON file."""
     ckpt = load_checkpoint(checkpoint_path)
-    return write_json({k: ckpt[k] for k in ("arch", "arch_options", "config", "history", "epoch")}, out_path)
+    keys = ("arch", "arch_options", "config", "history", "epoch", "data")
+    return write_json({k: ckpt[k] for k in keys if k in ckpt}, out_path)
 
 
 def load_history(path):
-    """A record written by save_history: {'arch', 'arch_options', 'config', 'history', 'epoch'}."""
+    """A record written by save_history: {'arch', 'arch_options', 'config', 'history', 'epoch', 'data'} ('data'
+    in the records written since it was kept: {'train_images', 'val_images', 'sha256'})."""
     return json.loads(Path(path).read_text())

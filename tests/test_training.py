@@ -28,6 +28,16 @@ def tiny_trainer(run_dir, stages=((0.1, 2),), **overrides):
     return utils.Trainer(cfg, tiny_data(), run_dir, "cpu", progress=False)
 
 
+def test_saved_history_keeps_what_the_run_trained_on_and_no_weights(tmp_path):
+    """The small history files (notebook 02's experiments) say how many images each run saw, so the notebook can
+    print it rather than state it in prose."""
+    trainer = tiny_trainer(tmp_path / "run", stages=[(0.1, 1)])
+    trainer.fit()
+    record = utils.load_history(utils.save_history(tmp_path / "run" / "ckpt_1.pth", tmp_path / "history.json"))
+    assert record["data"] == trainer.data and record["data"]["train_images"] == len(tiny_data()[1])
+    assert set(record) == {"arch", "arch_options", "config", "history", "epoch", "data"}  # no weights
+
+
 def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
     straight = tiny_trainer(tmp_path / "a")
     straight.fit()
