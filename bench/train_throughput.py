@@ -5,16 +5,21 @@ DataLoader with 2 workers, fp32, NCHW. Engine: utils.BatchLoader (batched augmen
 utils.train_epoch with channels_last and the precision utils.resolve_precision picks (bf16 where it measures
 faster, AMP on CUDA).
 Also: the fraction of the device's measured matmul peak that the engine's training step reaches, and with
---compile the same step through torch.compile (Inductor), measured in the same run.
+--compile the same step through torch.compile (Inductor), measured in the same run. With --processes N (CPU),
+the same step data-parallel in N processes of one thread each, half the batch each (what
+`torchrun --nproc_per_node=N train.py` runs), beside the one process of all threads.
 
-    python bench/train_throughput.py [--steps 30] [--archs resnet20 speedrun resnet18] [--compile]
+    python bench/train_throughput.py [--steps 30] [--archs resnet20 speedrun resnet18] [--compile] [--processes 2]
 """
 import argparse
+import socket
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn as nn
 import torchvision.transforms as T
 
@@ -73,13 +78,47 @@ def fresh_model(arch, device, channels_last, compiled=False):
     return model
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def data_parallel_worker(rank, world_size, port, arch, precision, x, y, warmup, rates):
+    """One process of a data-parallel step: one thread, its shard of each batch, gradients averaged by gloo."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)  # the same initial weights in every process, as train.py's ranks have
+        net = fresh_model(arch, "cpu", True)
+        model = nn.parallel.DistributedDataParallel(net)
+        model._opt = net._opt
+        batches = utils.BatchLoader(x, y, 128 // world_size, augment=True, shuffle=True, rank=rank,
+                                    world_size=world_size)
+        rates[rank] = timed_steps(model, batches, sgd_step("cpu", precision), warmup)
+    finally:
+        dist.destroy_process_group()
+
+
+def data_parallel_rate(arch, precision, x, y, warmup, processes):
+    """Images/s of all the processes together."""
+    rates = mp.Manager().dict()
+    mp.spawn(data_parallel_worker, args=(processes, free_port(), arch, precision, x, y, warmup, rates),
+             nprocs=processes)
+    return sum(rates.values())
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", nargs="+", default=["resnet20", "speedrun", "resnet18"])
     p.add_argument("--compile", action="store_true", help="also time the engine's step through torch.compile")
     p.add_argument("--steps", type=int, default=30, help="timed steps per measurement (resnet18 uses a third)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="also time the step data-parallel in this many one-thread processes (CPU)")
     p.add_argument("--data", help="CIFAR-10 folder (else CIFAR10_DIR, data/)")
     args = p.parse_args()
+    if args.processes < 1 or args.processes > 1 and (128 % args.processes or utils.get_device().type != "cpu"):
+        p.error(f"--processes must divide the batch of 128 and is for the CPU; got {args.processes}")
     device = utils.get_device()
     precision = utils.resolve_precision(device)
     x, y, _, _ = utils.load_cifar10(args.data)
@@ -103,6 +142,10 @@ def main():
             compiled = timed_steps(fresh_model(arch, device, True, compiled=True), batches,
                                    sgd_step(device, precision), warmup + 3)
             rows.append((f"{arch}, compiled", base, compiled, compiled * train_flops / (peak * 1e9)))
+        if args.processes > 1:
+            parallel = data_parallel_rate(arch, precision, x[:n], y[:n], warmup, args.processes)
+            rows.append((f"{arch}, {args.processes} processes x 1 thread", base, parallel,
+                         parallel * train_flops / (peak * 1e9)))
     print(f"\n| model | baseline images/s (PIL workers, fp32, NCHW) | engine images/s ({precision}, channels_last, "
           f"batched augmentation) | speed-up | engine's share of matmul peak |")
     print("| --- | ---: | ---: | ---: | ---: |")
