@@ -4,7 +4,11 @@ Trains on 45,000 training images and scores the held-out 5,000 (never the test s
 finished row is written to the JSON file at once, so a stopped ablation continues where it was (rows whose recipe
 and data match are kept; nothing else in the file is overwritten).
 
-    python bench/speedrun_ablation.py [--tricks full whitening lookahead ...] [--epochs 10] [--json FILE]
+    python bench/speedrun_ablation.py [--recipe tier94_sgd] [--tricks full whitening lookahead ...] [--epochs E]
+                                      [--json FILE]
+
+--recipe names one of utils.SPEEDRUN_RECIPES (default: the first lap's); `--tricks full` alone is how a new
+recipe is fixed on the validation split before its final runs. Rows record their recipe's name.
 """
 import argparse
 import json
@@ -24,7 +28,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tricks", nargs="+", default=["full", *utils.SPEEDRUN_TRICKS],
                    help=f"'full' and any of: {', '.join(utils.SPEEDRUN_TRICKS)}")
-    p.add_argument("--epochs", type=float, default=utils.SpeedRunConfig.epochs)
+    p.add_argument("--recipe", default="tier94_sgd", choices=list(utils.SPEEDRUN_RECIPES))
+    p.add_argument("--epochs", type=float, help="train this many epochs instead of the recipe's")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})")
     p.add_argument("--data", help="CIFAR-10 folder (else CIFAR10_DIR, data/)")
     p.add_argument("--limit", type=int, help="train on only this many images (a smoke test)")
@@ -38,7 +43,7 @@ def main():
     results = json.loads(args.json.read_text()) if args.json.exists() else {"rows": []}
     peaks = measured_peaks(also=[utils.resolve_precision("cpu", utils.SpeedRunConfig.precision)])
     print(f"measured matmul peak: {describe_peaks(peaks)}", flush=True)
-    full = utils.SpeedRunConfig(epochs=args.epochs)
+    full = utils.speedrun_recipe(args.recipe, **({} if args.epochs is None else {"epochs": args.epochs}))
     # tta changes no training: its row is the full recipe's run scored single view, so that run comes first
     needs_full = "full" in args.tricks or "tta" in args.tricks
     def finished_row(cfg):
@@ -60,12 +65,13 @@ def main():
             result = utils.speedrun(cfg, x_tr, y_tr, x_val, y_val, log=lambda line: print(line, flush=True))
             seconds = time.perf_counter() - start
             val_acc, val_acc_tta = utils.speedrun_scores(result, x_val, y_val, cfg.tta)
-            row = dict(trick=trick, config=asdict(cfg), train_images=len(y_tr), val_acc=val_acc,
+            row = dict(recipe=args.recipe, trick=trick, config=asdict(cfg), train_images=len(y_tr), val_acc=val_acc,
                        val_acc_tta=val_acc_tta, seconds=seconds, precision=result["precision"],
                        hardware=result["hardware"], peak_gflops=peaks[result["precision"]], history=result["history"])
             print(f"{trick}: val {row['val_acc']:.4f}, with its test-time views {row['val_acc_tta']:.4f}, "
                   f"{seconds:.0f} s", flush=True)
-        stale = [r for r in results["rows"] if r["trick"] == trick and r["train_images"] == len(y_tr)]
+        stale = [r for r in results["rows"] if r["trick"] == trick and r["train_images"] == len(y_tr)
+                 and r.get("recipe", "tier94_sgd") == args.recipe]  # rows before names were the first lap's
         if stale:
             print(f"{trick}: replaces the row measured with an older recipe in {args.json.name}", flush=True)
         results["rows"] = [r for r in results["rows"] if r not in stale]
