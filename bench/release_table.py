@@ -13,6 +13,7 @@ regenerates the card and fails when it differs from the committed one.
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +29,17 @@ TITLES = {"resnet20": "ResNet20 (shortcut option A)", "resnet20b": "ResNet20 (pr
           "resnet18": "ResNet18 (CIFAR layout)", "resnet110b": "ResNet v1-110 (standard blocks, projection shortcuts)",
           "preact_resnet164": "ResNet v2-164 (pre-activation bottleneck blocks)",
           "resnet18_imagenet": "ResNet18 (ImageNet layout, images resized to 224)",
-          "speedrun": "the speed run's network (whitening stem, three residual groups)"}
-SPEEDRUN = "checkpoints/speedrun.pth"  # seed 0's model of the speed run's final protocol
-SPEEDRUN_RUNS = "checkpoints/speedrun_runs.json"  # every run of that protocol, written by bench/speedrun.py
+          "speedrun": "the speed run's network (whitening stem, three residual groups)",
+          "speedrun94": "the speed run's network without shortcuts, trained with Muon",
+          "speedrun95": "the speed run's wide network (widths 128/384/384, no shortcuts)"}
+SPEEDRUN = utils.SPEEDRUN_RESULTS["tier94_sgd"][1]  # the first lap's release, the README's quick example
+# release file -> (recipe name, results file) of each recipe's final protocol (bench/speedrun.py --recipe NAME)
+SPEEDRUNS = {release: (name, runs) for name, (runs, release) in utils.SPEEDRUN_RESULTS.items()}
+
+
+def speedrun_releases():
+    """The speed-run releases whose final protocol has run: release file and results file both present."""
+    return [release for release, (_, runs) in SPEEDRUNS.items() if (ROOT / release).is_file() and (ROOT / runs).is_file()]
 
 # Runs that were releases once, or were run to compete for it; their files stay in git history (see the commands).
 SUPERSEDED = """| run | recipe | best validation | test, single / flip TTA | file |
@@ -110,45 +119,64 @@ def spread(values):
     return f" ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else ""
 
 
-def speedrun_rows(results, release=SPEEDRUN, recipe_name="airbench94-style recipe, SGD, 10 epochs"):
-    """The README's speed-run table from bench/speedrun.py's results file: one row per recipe (its runs' mean and
-    spread, the slowest run's time, seed 0's release file); each run's figures are in the file and notebook 06."""
-    runs = results["runs"]
-    single, views = ([r[k] * 100 for r in runs] for k in ("test_acc", "test_acc_tta"))
-    slowest = max(runs, key=lambda r: r["seconds_at_800"])
-    seed0 = next(r for r in runs if r["seed"] == 0)
-    name = release_name(release)
-    return ["| recipe | runs | test acc, its test-time views | single view | slowest run at 800 GFLOP/s "
+def recipe_label(name, cfg):
+    """'`tier94_sgd`: 10 epochs, SGD' (and the widths where they are not the first lap's)."""
+    cfg = utils.SpeedRunConfig(**cfg)
+    widths = f", widths {'/'.join(map(str, cfg.widths))}" if cfg.widths != utils.SPEEDRUN_WIDTHS else ""
+    return f"`{name}`: {cfg.epochs:g} epochs, {'Muon' if cfg.muon else 'SGD'}{widths}"
+
+
+def speedrun_rows(releases=None):
+    """The README's speed-run table from bench/speedrun.py's results files: one row per recipe (its runs' mean and
+    spread, the slowest run's time, seed 0's release file); each run's figures are in the files and notebook 06."""
+    rows = ["| recipe | runs | test acc, its test-time views | single view | slowest run at 800 GFLOP/s "
             "(wall time, machine) | seed 0's release: views / single |",
-            "| --- | --- | ---: | ---: | --- | --- |",
-            f"| {recipe_name} | {len(runs)}: seed {', '.join(str(r['seed']) for r in runs)} | "
-            f"{np.mean(views):.2f}%{spread(views)} | {np.mean(single):.2f}%{spread(single)} | "
-            f"{slowest['seconds_at_800'] / 60:.1f} min ({slowest['seconds'] / 60:.1f} min, "
-            f"{utils.machine_name(slowest['hardware'])}, {slowest['precision']}) | "
-            f"[`{release}`](checkpoints/README.md#{name}): {seed0['test_acc_tta']:.2%} / {seed0['test_acc']:.2%} |"]
+            "| --- | --- | ---: | ---: | --- | --- |"]
+    for release in speedrun_releases() if releases is None else releases:
+        name, runs_file = SPEEDRUNS[release]
+        results = json.loads((ROOT / runs_file).read_text())
+        runs = results["runs"]
+        single, views = ([r[k] * 100 for r in runs] for k in ("test_acc", "test_acc_tta"))
+        slowest = max(runs, key=lambda r: r["seconds_at_800"])
+        seed0 = next(r for r in runs if r["seed"] == 0)
+        rows.append(f"| {recipe_label(name, results['recipe'])} | {len(runs)}: seed "
+                    f"{', '.join(str(r['seed']) for r in runs)} | "
+                    f"{np.mean(views):.2f}%{spread(views)} | {np.mean(single):.2f}%{spread(single)} | "
+                    f"{slowest['seconds_at_800'] / 60:.1f} min ({slowest['seconds'] / 60:.1f} min, "
+                    f"{utils.machine_name(slowest['hardware'])}, {slowest['precision']}) | "
+                    f"[`{release}`](checkpoints/README.md#{release_name(release)}): "
+                    f"{seed0['test_acc_tta']:.2%} / {seed0['test_acc']:.2%} |")
+    return rows
 
 
 def speedrun_card_section(path, measured):
     """The model card of the speed run's release, from its metadata and the protocol's results file."""
     meta = utils.load_checkpoint(ROOT / path)
-    cfg, hist = meta["config"], meta["history"]
-    runs = json.loads((ROOT / SPEEDRUN_RUNS).read_text())["runs"]
+    hist, name = meta["history"], release_name(path)
+    recipe_name, runs_file = SPEEDRUNS[path]
+    runs = json.loads((ROOT / runs_file).read_text())["runs"]
     net = utils.build_model("speedrun", **meta["arch_options"])
-    tricks = [t for t in utils.SPEEDRUN_TRICKS if utils.without_trick(utils.SpeedRunConfig(**cfg), t) !=
-              utils.SpeedRunConfig(**cfg)]
+    config = utils.SpeedRunConfig(**meta["config"])
+    cfg = asdict(config)
+    tricks = [t for t in utils.SPEEDRUN_TRICKS if utils.without_trick(config, t) != config]
     single, views = measured
     views_name = {"flip_translate": "flip and one-pixel shifts"}.get(cfg["tta"], cfg["tta"])
-    lines = ["## speedrun", "",
-             f"`{path}`: {TITLES['speedrun']}, {utils.count_parameters(net):,} parameters, "
+    optimizer = (f"Muon for the convolution filters (lr {cfg['muon_lr']:g}, momentum {cfg['muon_momentum']:g}) and "
+                 "Nesterov SGD for the rest" if cfg["muon"] else "Nesterov SGD")
+    decay_to = "0" if cfg["lr_end"] == 0 else f"{cfg['lr_end']:g} times the peak"
+    schedule = (f"warm-up over {cfg['warmup']:.0%} of the steps then linear decay to {decay_to}" if cfg["warmup"]
+                else f"linear decay from the first step to {decay_to}")
+    lines = [f"## {name}", "",
+             f"`{path}`: {TITLES[name]}, {utils.count_parameters(net):,} parameters, "
              f"{utils.count_macs(net) / 1e6:.0f} M multiply-accumulates an image, "
              f"{(ROOT / path).stat().st_size / 2**20:.1f} MiB, SHA-256 of its contents `{meta[utils.DIGEST_KEY][:16]}…`.",
              "",
-             f"**Recipe** (`utils.SpeedRunConfig`, fixed on the validation split; what each trick is worth there, one run "
-             "with it switched off: `bench/speedrun_ablation.py`, notebook 06 section 4): "
-             f"{cfg['epochs']:g} epochs of batch {cfg['batch_size']}, Nesterov SGD (lr {cfg['lr']:g} and weight decay "
-             f"{cfg['weight_decay']:g} in airbench's units, momentum {cfg['momentum']:g}), warm-up over "
-             f"{cfg['warmup']:.0%} of the steps then linear decay to 0, label smoothing {cfg['label_smoothing']:g}, "
-             f"shifts of up to {cfg['translate']} pixels; tricks on: {', '.join(tricks)}.", "",
+             f"**Recipe** (`utils.SPEEDRUN_RECIPES[\"{recipe_name}\"]`, fixed on the validation split by "
+             f"`bench/speedrun_ablation.py --recipe {recipe_name}`, notebook 06): {cfg['epochs']:g} epochs of batch "
+             f"{cfg['batch_size']}, widths {'/'.join(map(str, cfg['widths']))}, {optimizer} (lr {cfg['lr']:g} and "
+             f"weight decay {cfg['weight_decay']:g} in airbench's units, momentum {cfg['momentum']:g}), {schedule}, "
+             f"label smoothing {cfg['label_smoothing']:g}, shifts of up to {cfg['translate']} pixels; tricks on: "
+             f"{', '.join(tricks)}.", "",
              f"**Protocol.** Seed {cfg['seed']}, trained on all 50,000 training images for the fixed number of epochs: "
              "no validation split and no selection. The test set was used once, after training.", "",
              f"**Test set** (fp32, `Loaded_model`): **{single:.2f}%** single view, **{views:.2f}%** with its "
@@ -159,7 +187,7 @@ def speedrun_card_section(path, measured):
              f"**Training time and hardware.** {sum(hist['seconds']) / 60:.1f} min of training passes "
              f"({len(hist['seconds'])} epochs, median {np.median(hist['seconds']):.0f} s) on {meta['hardware']}.", "",
              "**Reproduce and re-measure.**", "", "```",
-             "python bench/speedrun.py --runs 1 --save checkpoints/my_speedrun.pth",
+             f"python bench/speedrun.py --recipe {recipe_name} --runs 1 --save checkpoints/my_{name}.pth",
              f"python bench/release_table.py {path}", "```", ""]
     return "\n".join(lines)
 
@@ -266,8 +294,8 @@ def card(measured):
             "Do not edit by hand: `tests/test_release.py` regenerates it and fails when it differs.", "",
             "The releases classify 32 × 32 CIFAR-10 images into ten classes. Load one with "
             "`utils.Loaded_model(path).predict(x)` or `torch.hub.load(..., pretrained=True)` (see the project README).", ""]
-    body = [card_section(path, measured[path]) for path in sorted(measured) if path != SPEEDRUN]
-    body += [speedrun_card_section(SPEEDRUN, measured[SPEEDRUN])] if SPEEDRUN in measured else []
+    body = [card_section(path, measured[path]) for path in sorted(measured) if path not in SPEEDRUNS]
+    body += [speedrun_card_section(path, measured[path]) for path in SPEEDRUNS if path in measured]
     return "\n".join(head + body + [PLANNED, "", "## Superseded runs", "", SUPERSEDED, "", LIMITS, ""])
 
 
@@ -275,17 +303,17 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="*", default=RELEASES, help="release files (relative to the project)")
     p.add_argument("--card", help="write the model card of the files here instead of printing rows")
-    p.add_argument("--speedrun", action="store_true", help=f"print the README's speed-run table from {SPEEDRUN_RUNS}")
+    p.add_argument("--speedrun", action="store_true", help="print the README's speed-run table from the results files")
     p.add_argument("--reports", action="store_true",
                    help="print the README's table of the reference reports against this project's runs")
     p.add_argument("--data", help="CIFAR-10 folder (else CIFAR10_DIR, data/)")
     args = p.parse_args()
     if args.speedrun:
-        print("\n".join(speedrun_rows(json.loads((ROOT / SPEEDRUN_RUNS).read_text()))))
+        print("\n".join(speedrun_rows()))
         return
     _, _, x_test, y_test = utils.load_cifar10(args.data)
-    if args.card and (ROOT / SPEEDRUN).is_file() and args.paths == RELEASES:
-        args.paths = [*RELEASES, SPEEDRUN]
+    if args.card and args.paths == RELEASES:
+        args.paths = [*RELEASES, *speedrun_releases()]
     if args.reports:
         args.paths = [e["release"] for e in utils.REFERENCE_REPORTS if (ROOT / e["release"]).is_file()]
     measured = {path: scores(ROOT / path, x_test, y_test) for path in dict.fromkeys(args.paths)}
@@ -300,7 +328,7 @@ def main():
           "selected epoch |")
     print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
     for path in args.paths:
-        if path == SPEEDRUN:
+        if path in SPEEDRUNS:
             print(f"{path}: {measured[path][0]:.2f}% single view, {measured[path][1]:.2f}% with its test-time views")
             continue
         print(row(path, measured[path]))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from test_release import RESULTS, TEST_ACC, readme_speedrun_figures
+from test_release import RESULTS, TEST_ACC, readme_speedrun_figures, release_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,14 +24,15 @@ print(json.dumps({"acc": float((pred == y).mean()), "training": model.training, 
 """
 
 
-@pytest.mark.parametrize("name", [Path(path).stem for path in RESULTS] + ["speedrun"])
+@pytest.mark.parametrize("name", [Path(path).stem for path in [*RESULTS, *release_table.speedrun_releases()]])
 def test_hub_pretrained_scores_the_readme_figure(name, real_cifar10, tmp_path):
     r = subprocess.run([sys.executable, "-c", SCRIPT, name, str(ROOT), os.environ["CIFAR10_DIR"]], cwd=tmp_path,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     path = f"checkpoints/{name}.pth"  # the hub's module gives single-view predictions
-    readme = readme_speedrun_figures()[0] if name == "speedrun" else float(RESULTS[path][TEST_ACC].rstrip("%"))
+    readme = readme_speedrun_figures(path)[0] if path in release_table.SPEEDRUNS else \
+        float(RESULTS[path][TEST_ACC].rstrip("%"))
     assert abs(out["acc"] * 100 - readme) <= 0.05
     assert out["training"] is False and out["device"] == "cpu" and out["classes"][3] == "cat"
 

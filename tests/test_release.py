@@ -30,13 +30,13 @@ RESULTS = readme_results()
 TEST_ACC, TTA_ACC = 3, 4  # columns of the results table (0-based)
 
 
-def readme_speedrun_figures():
-    """(single view, with test-time views) in percent of the speed run's release, from its row in README.md."""
+def readme_speedrun_figures(release=release_table.SPEEDRUN):
+    """(single view, with test-time views) in percent of a speed-run release, from its row in README.md."""
     for line in (ROOT / "README.md").read_text().splitlines():
-        if f"[`{release_table.SPEEDRUN}`]" in line:  # the last cell: "[`file`](card): views% / single%"
+        if f"[`{release}`]" in line:  # the last cell: "[`file`](card): views% / single%"
             views, single = re.findall(r"(\d+\.\d+)%", line.strip(" |").split("|")[-1])
             return float(single), float(views)
-    raise AssertionError(f"README.md has no speed-run row for {release_table.SPEEDRUN}")
+    raise AssertionError(f"README.md has no speed-run row for {release}")
 
 
 def test_readme_lists_release_files():
@@ -79,13 +79,13 @@ def test_readme_rows_and_model_card_are_what_the_release_files_give():
     """The rows and the card regenerated from the files and the README's test figures (checked above) are the
     committed ones: a release file that changes without its card (or its row) fails here."""
     figures = {path: tuple(float(RESULTS[path][i].rstrip("%")) for i in (TEST_ACC, TTA_ACC)) for path in RESULTS}
-    figures[release_table.SPEEDRUN] = readme_speedrun_figures()
+    figures |= {release: readme_speedrun_figures(release) for release in release_table.speedrun_releases()}
     assert sorted(RESULTS) == sorted(release_table.RELEASES)
     readme = (ROOT / "README.md").read_text().splitlines()
     for path in RESULTS:
         assert release_table.row(path, figures[path]) in readme, path
-    runs = json.loads((ROOT / release_table.SPEEDRUN_RUNS).read_text())
-    for line in release_table.speedrun_rows(runs):  # the speed-run table is the results file's
+    assert release_table.SPEEDRUN in release_table.speedrun_releases()
+    for line in release_table.speedrun_rows():  # the speed-run table is the results files'
         assert line in readme, line
     for line in utils.reports_table(figures):  # the reports reproduced: this project's figures are the rows'
         assert line in readme, line

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import utils
 from conftest import make_fake_arrays, write_npy
+from test_release import release_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -262,11 +263,12 @@ def test_bench_refuses_bad_arguments_before_any_work(tmp_path):
     assert run_bench(tmp_path, "--runs", "0").returncode == 2
 
 
-def test_release_scores_the_readme_figures(real_cifar10):
+@pytest.mark.parametrize("release", release_table.speedrun_releases())
+def test_release_scores_the_readme_figures(release, real_cifar10):
     from test_release import readme_speedrun_figures
     _, _, x_test, y_test = real_cifar10
-    single, views = readme_speedrun_figures()
-    model = utils.Loaded_model(ROOT / "checkpoints" / "speedrun.pth", precision="fp32")
+    single, views = readme_speedrun_figures(release)
+    model = utils.Loaded_model(ROOT / release, precision="fp32")
     assert model.arch == "speedrun" and model.tta == "flip_translate"  # the recipe's views by default
     assert abs(model.score(x_test, y_test) * 100 - views) <= 0.05
     assert abs(model.score(x_test, y_test, tta="none") * 100 - single) <= 0.05
