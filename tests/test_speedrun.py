@@ -144,7 +144,7 @@ def test_named_recipes_and_recorded_recipes_compare_with_the_fields_added_since(
     assert not utils.same_recipe({**first_lap, "widths": [128, 384, 384]}, utils.speedrun_recipe("tier94_sgd"))
     assert not utils.same_recipe({**first_lap, "mixup": True}, utils.SpeedRunConfig())  # a field unknown here
     muon = utils.speedrun_recipe("tier94_muon", seed=3)
-    assert muon.seed == 3 and muon.muon and not muon.lookahead and muon.epochs == 8
+    assert muon.seed == 3 and muon.muon and not muon.residual and muon.epochs == 8
     assert utils.SPEEDRUN_RECIPES["tier94_muon"].seed == 0  # the named recipe itself is not changed
     with pytest.raises(ValueError, match="unknown speed-run recipe 'tier96'; the recipes are tier94_sgd"):
         utils.speedrun_recipe("tier96")
