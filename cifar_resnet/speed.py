@@ -22,7 +22,7 @@ from .training import NonFiniteLossError
 from .views import check_tta, tta_accuracy
 
 __all__ = ["SpeedRunConfig", "SPEEDRUN_RECIPES", "SPEEDRUN_RESULTS", "speedrun_recipe", "same_recipe",
-           "describe_recipe", "SPEEDRUN_TRICKS", "without_trick", "whitening_filters", "speedrun_lr_factor",
+           "SPEEDRUN_TRICKS", "without_trick", "whitening_filters", "speedrun_lr_factor",
            "newton_schulz", "Muon", "Optimizers", "speedrun_optimizer", "Lookahead", "speedrun_flips",
            "speedrun_inputs", "speedrun_scores", "speedrun", "speedrun_checkpoint"]
 
@@ -99,15 +99,6 @@ SPEEDRUN_RECIPES = {
 SPEEDRUN_RESULTS = {"tier94_sgd": ("checkpoints/speedrun_runs.json", "checkpoints/speedrun.pth"),
                     "tier94_muon": ("checkpoints/speedrun94_runs.json", "checkpoints/speedrun94.pth"),
                     "tier95": ("checkpoints/speedrun95_runs.json", "checkpoints/speedrun95.pth")}
-
-
-def describe_recipe(cfg):
-    """A recipe in a few words: '10 epochs of batch 512, Nesterov SGD with lookahead, widths 64/256/256'."""
-    cfg = cfg if isinstance(cfg, SpeedRunConfig) else SpeedRunConfig(**cfg)
-    optimizer = "Muon for the filters, Nesterov SGD for the rest" if cfg.muon else "Nesterov SGD"
-    return (f"{cfg.epochs:g} epochs of batch {cfg.batch_size:,}, {optimizer}"
-            f"{' with lookahead' if cfg.lookahead else ''}, widths {'/'.join(map(str, cfg.widths))}"
-            f"{', shortcuts' if cfg.residual else ''}")
 
 
 def speedrun_recipe(name, **changes):
