@@ -7,11 +7,15 @@ faster, AMP on CUDA).
 Also: the fraction of the device's measured matmul peak that the engine's training step reaches, and with
 --compile the same step through torch.compile (Inductor), measured in the same run. With --processes N (CPU),
 the same step data-parallel in N processes of one thread each, half the batch each (what
-`torchrun --nproc_per_node=N train.py` runs), beside the one process of all threads.
+`torchrun --nproc_per_node=N train.py` runs), beside the one process of all threads. With --profile, where the
+engine's step spends its time (convolutions, batch norm, ReLU, additions, the rest; forward and backward) and the
+rate of the convolutions alone as a share of the peak: what bounds the whole step's share.
 
     python bench/train_throughput.py [--steps 30] [--archs resnet20 speedrun resnet18] [--compile] [--processes 2]
+                                     [--profile]
 """
 import argparse
+import re
 import socket
 import sys
 import time
@@ -69,6 +73,28 @@ def sgd_step(device, precision):
     return step
 
 
+# Profile categories of the engine's step: a pattern of ATen operator names each (self time, forward and
+# backward together). The additions are the residual sums and their gradients' accumulation, not addmm.
+OP_KINDS = (("convolutions", r"convolution"), ("batch norm", r"batch_norm"),
+            ("ReLU", r"clamp_min|threshold_backward|relu"), ("additions", r"^aten::add_?$"))
+
+
+def step_profile(model, batches, step, warmup, steps=5):
+    """{kind: share of the step's time}, over `steps` profiled steps after `warmup` untimed ones."""
+    from torch.profiler import ProfilerActivity, profile
+    batches = iter(batches)
+    for _ in range(warmup):
+        step(model, *next(batches))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step(model, *next(batches))
+    times = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(times.values())
+    shares = {kind: sum(t for name, t in times.items() if re.search(pattern, name)) / total
+              for kind, pattern in OP_KINDS}
+    return shares | {"other": 1 - sum(shares.values())}
+
+
 def fresh_model(arch, device, channels_last, compiled=False):
     net = utils.build_model(arch).to(device).train()
     if channels_last:
@@ -115,6 +141,9 @@ def main():
     p.add_argument("--steps", type=int, default=30, help="timed steps per measurement (resnet18 uses a third)")
     p.add_argument("--processes", type=int, default=1,
                    help="also time the step data-parallel in this many one-thread processes (CPU)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile the engine's step: where its time goes, and the convolutions' own share "
+                        "of the peak")
     p.add_argument("--data", help="CIFAR-10 folder (else CIFAR10_DIR, data/)")
     args = p.parse_args()
     if args.processes < 1 or args.processes > 1 and (128 % args.processes or utils.get_device().type != "cpu"):
@@ -126,7 +155,7 @@ def main():
     print(f"device {device}, engine precision {precision}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; measured matmul peak {peak:.0f} GFLOP/s ({precision}), "
           f"{fp32_peak:.0f} GFLOP/s (fp32)")
-    rows = []
+    rows, profiles = [], []
     for arch in args.archs:
         steps = args.steps if arch != "resnet18" else max(4, args.steps // 3)
         warmup, n = 3, 128 * (steps + 3)
@@ -138,6 +167,10 @@ def main():
         fast = timed_steps(fresh_model(arch, device, True), batches, sgd_step(device, precision), warmup)
         train_flops = 3 * 2 * utils.count_macs(utils.build_model(arch))  # forward + backward (2x forward)
         rows.append((arch, base, fast, fast * train_flops / (peak * 1e9)))
+        if args.profile:  # the convolutions' rate: all of the step's multiply-accumulates in their time alone
+            shares = step_profile(fresh_model(arch, device, True), batches, sgd_step(device, precision), warmup,
+                                  steps=min(5, steps))
+            profiles.append((arch, shares, fast / shares["convolutions"] * train_flops / (peak * 1e9)))
         if args.compile:  # the first steps compile: a longer warm-up, so none of that time is counted
             compiled = timed_steps(fresh_model(arch, device, True, compiled=True), batches,
                                    sgd_step(device, precision), warmup + 3)
@@ -151,6 +184,13 @@ def main():
     print("| --- | ---: | ---: | ---: | ---: |")
     for arch, base, fast, share in rows:
         print(f"| {arch} | {base:.0f} | {fast:.0f} | {fast / base:.2f}x | {share:.0%} |")
+    if profiles:
+        kinds = [kind for kind, _ in OP_KINDS] + ["other"]
+        print(f"\n| model (profiled, {precision}) | " + " | ".join(f"time in {k}" for k in kinds)
+              + " | convolutions' own share of matmul peak |")
+        print("| --- |" + " ---: |" * (len(kinds) + 1))
+        for arch, shares, conv_share in profiles:
+            print(f"| {arch} | " + " | ".join(f"{shares[k]:.0%}" for k in kinds) + f" | {conv_share:.0%} |")
 
 
 if __name__ == "__main__":

@@ -394,3 +394,17 @@ def test_peaks_skip_emulated_bf16_unless_the_run_trains_in_it(monkeypatch):
     monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: True)
     assert set(bench.measured_peaks()) == {"bf16", "fp32"}
     assert bench.describe_peaks({"bf16": 411.2, "fp32": 175.0}) == "411 GFLOP/s bf16, 175 GFLOP/s fp32"
+
+
+def test_throughput_profile_finds_the_convolutions_and_accounts_for_the_whole_step():
+    """bench/train_throughput.py --profile: the categories are the step's operators, not empty matches."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import train_throughput
+    x, y = make_fake_arrays(128)[:2]
+    batches = utils.BatchLoader(x, y, 32, augment=True, shuffle=True)
+    model = train_throughput.fresh_model("resnet20", "cpu", True)
+    shares = train_throughput.step_profile(model, batches, train_throughput.sgd_step("cpu", "fp32"), 1, steps=2)
+    assert set(shares) == {"convolutions", "batch norm", "ReLU", "additions", "other"}
+    assert sum(shares.values()) == pytest.approx(1)
+    assert all(shares[kind] > 0 for kind in ("convolutions", "batch norm", "ReLU", "additions"))
+    assert shares["convolutions"] > max(shares["batch norm"], shares["ReLU"], shares["additions"])
