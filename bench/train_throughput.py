@@ -166,19 +166,21 @@ def main():
         batches = utils.BatchLoader(x[:n], y[:n], 128, augment=True, shuffle=True, device=device)
         fast = timed_steps(fresh_model(arch, device, True), batches, sgd_step(device, precision), warmup)
         train_flops = 3 * 2 * utils.count_macs(utils.build_model(arch))  # forward + backward (2x forward)
-        rows.append((arch, base, fast, fast * train_flops / (peak * 1e9)))
+
+        def share_of_peak(images_per_second):
+            return images_per_second * train_flops / (peak * 1e9)
+        rows.append((arch, base, fast, share_of_peak(fast)))
         if args.profile:  # the convolutions' rate: all of the step's multiply-accumulates in their time alone
             shares = step_profile(fresh_model(arch, device, True), batches, sgd_step(device, precision), warmup,
                                   steps=min(5, steps))
-            profiles.append((arch, shares, fast / shares["convolutions"] * train_flops / (peak * 1e9)))
+            profiles.append((arch, shares, share_of_peak(fast / shares["convolutions"])))
         if args.compile:  # the first steps compile: a longer warm-up, so none of that time is counted
             compiled = timed_steps(fresh_model(arch, device, True, compiled=True), batches,
                                    sgd_step(device, precision), warmup + 3)
-            rows.append((f"{arch}, compiled", base, compiled, compiled * train_flops / (peak * 1e9)))
+            rows.append((f"{arch}, compiled", base, compiled, share_of_peak(compiled)))
         if args.processes > 1:
             parallel = data_parallel_rate(arch, precision, x[:n], y[:n], warmup, args.processes)
-            rows.append((f"{arch}, {args.processes} processes x 1 thread", base, parallel,
-                         parallel * train_flops / (peak * 1e9)))
+            rows.append((f"{arch}, {args.processes} processes x 1 thread", base, parallel, share_of_peak(parallel)))
     print(f"\n| model | baseline images/s (PIL workers, fp32, NCHW) | engine images/s ({precision}, channels_last, "
           f"batched augmentation) | speed-up | engine's share of matmul peak |")
     print("| --- | ---: | ---: | ---: | ---: |")

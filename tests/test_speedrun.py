@@ -398,7 +398,6 @@ def test_peaks_skip_emulated_bf16_unless_the_run_trains_in_it(monkeypatch):
 
 def test_throughput_profile_finds_the_convolutions_and_accounts_for_the_whole_step():
     """bench/train_throughput.py --profile: the categories are the step's operators, not empty matches."""
-    sys.path.insert(0, str(ROOT / "bench"))
     import train_throughput
     x, y = make_fake_arrays(128)[:2]
     batches = utils.BatchLoader(x, y, 32, augment=True, shuffle=True)
