@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .runtime import autocast
 
-__all__ = ["TTA_VIEWS", "check_tta", "tta_probabilities", "tta_accuracy"]
+__all__ = ["TTA_VIEWS", "check_tta", "tta_probabilities", "tta_accuracy", "tta_accuracies"]
 
 TTA_VIEWS = ("none", "flip", "flip_translate")  # True means "flip", False "none"
 
@@ -25,9 +25,20 @@ def check_tta(tta):
     return tta
 
 
-def _mirrored(model, xb):
-    """Probabilities of a batch and its mirror image, averaged."""
-    return (model(xb).float().softmax(1) + model(xb.flip(3)).float().softmax(1)) / 2
+def _view_probabilities(model, xb, tta):
+    """(single-view probabilities, probabilities averaged over the views `tta`) of a normalized batch: the single
+    view is the views' first, so scoring both costs no extra forward pass."""
+    single = model(xb).float().softmax(1)
+    if tta == "none":
+        return single, single
+    p = (single + model(xb.flip(3)).float().softmax(1)) / 2
+    if tta == "flip_translate":
+        padded = F.pad(xb.float(), (1, 1, 1, 1), mode="reflect").to(xb.dtype)
+        shifted = (padded[:, :, :-2, :-2], padded[:, :, 2:, 2:])
+        mirrored = [(model(v).float().softmax(1) + model(v.flip(3)).float().softmax(1)) / 2
+                    for v in (view.contiguous(memory_format=torch.channels_last) for view in shifted)]
+        p = (p + sum(mirrored) / 2) / 2
+    return single, p
 
 
 @torch.no_grad()
@@ -37,24 +48,24 @@ def tta_probabilities(model, xb, tta="none"):
     'flip' averages the image and its mirror image. 'flip_translate' gives half the weight to those two and
     half to the image shifted a pixel up-left and down-right (reflected borders), each mirrored too.
     """
-    tta = check_tta(tta)
-    if tta == "none":
-        return model(xb).float().softmax(1)
-    p = _mirrored(model, xb)
-    if tta == "flip_translate":
-        padded = F.pad(xb.float(), (1, 1, 1, 1), mode="reflect").to(xb.dtype)
-        shifted = [padded[:, :, :-2, :-2], padded[:, :, 2:, 2:]]
-        p = (p + sum(_mirrored(model, v.contiguous(memory_format=torch.channels_last)) for v in shifted) / 2) / 2
-    return p
+    return _view_probabilities(model, xb, check_tta(tta))[1]
 
 
 @torch.no_grad()
-def tta_accuracy(net, x, y, tta="none", device="cpu", precision="fp32", batch_size=500):
-    """Accuracy of an eval-mode network on normalized images x (float N x 3 x 32 x 32) under the given views."""
+def tta_accuracies(net, x, y, tta="none", device="cpu", precision="fp32", batch_size=500):
+    """(single-view accuracy, accuracy with the views `tta`) of an eval-mode network on normalized images x (float
+    N x 3 x 32 x 32), from one pass over the views."""
+    tta = check_tta(tta)
     net.eval()
-    correct = 0
+    correct = torch.zeros(2, dtype=torch.long)
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size].to(device).contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
-            correct += (tta_probabilities(net, xb, tta).argmax(1).cpu() == y[i:i + batch_size]).sum().item()
-    return correct / len(x)
+            probabilities = _view_probabilities(net, xb, tta)
+        correct += torch.stack([(p.argmax(1).cpu() == y[i:i + batch_size]).sum() for p in probabilities])
+    return tuple(c / len(x) for c in correct.tolist())
+
+
+def tta_accuracy(net, x, y, tta="none", device="cpu", precision="fp32", batch_size=500):
+    """Accuracy of an eval-mode network on normalized images x (float N x 3 x 32 x 32) under the given views."""
+    return tta_accuracies(net, x, y, tta, device, precision, batch_size)[1]

@@ -340,6 +340,36 @@ def test_speedrun_with_muon_trains(tmp_path):
     assert all(np.isfinite(losses)) and losses[1] < losses[0]
 
 
+
+def test_micro_batches_sum_the_batch_gradient_with_their_own_batch_statistics():
+    x, y, _, _ = make_fake_arrays(256)
+    cfg = utils.SpeedRunConfig(epochs=1, batch_size=128, whiten_bias_epochs=1, precision="fp32", lookahead=False)
+    whole, one_pass, passes = (utils.speedrun(utils.SpeedRunConfig(**{**asdict(cfg), "micro_batch": m}), x, y,
+                                              log=None)["model"] for m in (0, 128, 32))
+    for name, weight in whole.state_dict().items():  # one pass of the whole batch is the same arithmetic
+        assert torch.equal(weight, one_pass.state_dict()[name]), name
+    # four passes: running averages over as many images (momentum 1 - 0.6 ** (1/4) a pass), and each pass
+    # normalized by its own statistics, so the weights move differently
+    assert passes.layer1.bn1.momentum == pytest.approx(1 - 0.6 ** 0.25) and whole.layer1.bn1.momentum == 0.4
+    assert not torch.allclose(passes.layer2.conv1.weight, whole.layer2.conv1.weight)
+    with pytest.raises(ValueError, match="micro_batch must divide batch_size 128"):
+        utils.SpeedRunConfig(batch_size=128, micro_batch=48)
+
+
+def test_single_view_and_views_accuracies_come_from_one_pass():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)).eval()  # views disagree
+    calls = []
+    net.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    x = torch.randn(20, 3, 32, 32)
+    y = net(x).argmax(1)  # the single view's own predictions: it scores 1, the views less
+    calls.clear()
+    single, views = utils.tta_accuracies(net, x, y, "flip_translate", batch_size=10)
+    assert calls == [10] * 12  # six views of each of the two batches, the single view among them
+    assert single == 1.0
+    assert views == (utils.tta_probabilities(net, x, "flip_translate").argmax(1) == y).sum().item() / 20 < 1
+    assert utils.tta_accuracy(net, x, y, "flip_translate") == views
+
 # ---- the peer's own code on the CPU (bench/peer.py) ------------------------------------------------------------
 
 sys.path.insert(0, str(ROOT / "bench"))
