@@ -19,8 +19,9 @@ HERE = Path(__file__).resolve().parent
 # Entry point -> release file. An entry named after a release that is an architecture variant builds that
 # variant with pretrained=False too (VARIANTS), so both settings give the same network.
 RELEASES = {"resnet20": "checkpoints/resnet20.pth", "resnet20b": "checkpoints/resnet20b.pth",
-            "resnet18": "checkpoints/resnet18.pth", "speedrun": "checkpoints/speedrun.pth"}
-VARIANTS = {"resnet20b": ("resnet20", {"shortcut": "B"})}
+            "resnet18": "checkpoints/resnet18.pth", "speedrun": "checkpoints/speedrun.pth",
+            "speedrun94": "checkpoints/speedrun94.pth"}
+VARIANTS = {"resnet20b": ("resnet20", {"shortcut": "B"}), "speedrun94": ("speedrun", {"residual": False})}
 
 
 def _entry(name):

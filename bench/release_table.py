@@ -166,6 +166,8 @@ def speedrun_card_section(path, measured):
     decay_to = "0" if cfg["lr_end"] == 0 else f"{cfg['lr_end']:g} times the peak"
     schedule = (f"warm-up over {cfg['warmup']:.0%} of the steps then linear decay to {decay_to}" if cfg["warmup"]
                 else f"linear decay from the first step to {decay_to}")
+    passes = (f" (run as passes of {cfg['micro_batch']} images, each normalized by its own batch statistics)"
+              if cfg["micro_batch"] else "")
     lines = [f"## {name}", "",
              f"`{path}`: {TITLES[name]}, {utils.count_parameters(net):,} parameters, "
              f"{utils.count_macs(net) / 1e6:.0f} M multiply-accumulates an image, "
@@ -173,7 +175,7 @@ def speedrun_card_section(path, measured):
              "",
              f"**Recipe** (`utils.SPEEDRUN_RECIPES[\"{recipe_name}\"]`, fixed on the validation split by "
              f"`bench/speedrun_ablation.py --recipe {recipe_name}`, notebook 06): {cfg['epochs']:g} epochs of batch "
-             f"{cfg['batch_size']}, widths {'/'.join(map(str, cfg['widths']))}, {optimizer} (lr {cfg['lr']:g} and "
+             f"{cfg['batch_size']}{passes}, widths {'/'.join(map(str, cfg['widths']))}, {optimizer} (lr {cfg['lr']:g} and "
              f"weight decay {cfg['weight_decay']:g} in airbench's units, momentum {cfg['momentum']:g}), {schedule}, "
              f"label smoothing {cfg['label_smoothing']:g}, shifts of up to {cfg['translate']} pixels; tricks on: "
              f"{', '.join(tricks)}.", "",

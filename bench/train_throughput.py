@@ -9,10 +9,12 @@ Also: the fraction of the device's measured matmul peak that the engine's traini
 the same step data-parallel in N processes of one thread each, half the batch each (what
 `torchrun --nproc_per_node=N train.py` runs), beside the one process of all threads. With --profile, where the
 engine's step spends its time (convolutions, batch norm, ReLU, additions, the rest; forward and backward) and the
-rate of the convolutions alone as a share of the peak: what bounds the whole step's share.
+rate of the convolutions alone as a share of the peak: what bounds the whole step's share. With --passes, the speed
+run's own training (utils.speedrun, recipe tier94_muon: batches of 2,000 images, Muon, lookahead) for a few steps
+with each batch run as passes of each given size: what its micro_batch buys.
 
     python bench/train_throughput.py [--steps 30] [--archs resnet20 speedrun resnet18] [--compile] [--processes 2]
-                                     [--profile]
+                                     [--profile] [--passes 2000 250]
 """
 import argparse
 import re
@@ -104,6 +106,15 @@ def fresh_model(arch, device, channels_last, compiled=False):
     return model
 
 
+def speedrun_rate(micro_batch, x, y, steps, recipe="tier94_muon"):
+    """Training images/s of the speed run itself over its first `steps` steps, each batch run as passes of
+    `micro_batch` images."""
+    batch = utils.speedrun_recipe(recipe).batch_size
+    cfg = utils.speedrun_recipe(recipe, micro_batch=micro_batch % batch, epochs=steps / (len(y) // batch))
+    seconds = utils.speedrun(cfg, x, y, log=None)["history"]["seconds"][0]  # after the whitening, like an epoch
+    return steps * cfg.batch_size / seconds, utils.count_macs(utils.build_model("speedrun", residual=cfg.residual))
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -144,8 +155,13 @@ def main():
     p.add_argument("--profile", action="store_true",
                    help="also profile the engine's step: where its time goes, and the convolutions' own share "
                         "of the peak")
+    p.add_argument("--passes", nargs="+", type=int, default=[], metavar="IMAGES",
+                   help="also time the speed run's training (tier94_muon, batch 2,000) run as passes of these "
+                        "sizes, each dividing 2,000 (2000: one pass)")
     p.add_argument("--data", help="CIFAR-10 folder (else CIFAR10_DIR, data/)")
     args = p.parse_args()
+    if any(size < 1 or 2000 % size for size in args.passes):
+        p.error(f"--passes sizes must divide the speed run's batch of 2,000 images; got {args.passes}")
     if args.processes < 1 or args.processes > 1 and (128 % args.processes or utils.get_device().type != "cpu"):
         p.error(f"--processes must divide the batch of 128 and is for the CPU; got {args.processes}")
     device = utils.get_device()
@@ -186,6 +202,12 @@ def main():
     print("| --- | ---: | ---: | ---: | ---: |")
     for arch, base, fast, share in rows:
         print(f"| {arch} | {base:.0f} | {fast:.0f} | {fast / base:.2f}x | {share:.0%} |")
+    if args.passes:
+        print(f"\n| speed run's training (tier94_muon, {precision}) | images/s | share of matmul peak |")
+        print("| --- | ---: | ---: |")
+        for size in args.passes:
+            rate, macs = speedrun_rate(size, x, y, max(4, args.steps // 3))
+            print(f"| batch 2,000 as passes of {size:,} images | {rate:.0f} | {rate * 6 * macs / (peak * 1e9):.0%} |")
     if profiles:
         kinds = [kind for kind, _ in OP_KINDS] + ["other"]
         print(f"\n| model (profiled, {precision}) | " + " | ".join(f"time in {k}" for k in kinds)

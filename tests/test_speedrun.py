@@ -437,3 +437,9 @@ def test_throughput_profile_finds_the_convolutions_and_accounts_for_the_whole_st
     assert sum(shares.values()) == pytest.approx(1)
     assert all(shares[kind] > 0 for kind in ("convolutions", "batch norm", "ReLU", "additions"))
     assert shares["convolutions"] > max(shares["batch norm"], shares["ReLU"], shares["additions"])
+
+
+def test_throughput_refuses_passes_that_do_not_divide_the_batch_before_any_work(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--passes", "2000", "300",
+                          "--data", str(tmp_path / "nothing here")], capture_output=True, text=True)
+    assert run.returncode == 2 and "must divide the speed run's batch of 2,000 images" in run.stderr
