@@ -106,11 +106,15 @@ def fresh_model(arch, device, channels_last, compiled=False):
     return model
 
 
-def speedrun_rate(micro_batch, x, y, steps, recipe="tier94_muon"):
+PASSES_RECIPE = "tier94_muon"  # --passes times this recipe's training
+PASSES_BATCH = utils.SPEEDRUN_RECIPES[PASSES_RECIPE].batch_size
+
+
+def speedrun_rate(micro_batch, x, y, steps):
     """Training images/s of the speed run itself over its first `steps` steps, each batch run as passes of
     `micro_batch` images."""
-    batch = utils.speedrun_recipe(recipe).batch_size
-    cfg = utils.speedrun_recipe(recipe, micro_batch=micro_batch % batch, epochs=steps / (len(y) // batch))
+    cfg = utils.speedrun_recipe(PASSES_RECIPE, micro_batch=micro_batch % PASSES_BATCH,
+                                epochs=steps / (len(y) // PASSES_BATCH))
     seconds = utils.speedrun(cfg, x, y, log=None)["history"]["seconds"][0]  # after the whitening, like an epoch
     return steps * cfg.batch_size / seconds, utils.count_macs(utils.build_model("speedrun", residual=cfg.residual))
 
@@ -160,7 +164,7 @@ def main():
                         "sizes, each dividing 2,000 (2000: one pass)")
     p.add_argument("--data", help="CIFAR-10 folder (else CIFAR10_DIR, data/)")
     args = p.parse_args()
-    if any(size < 1 or 2000 % size for size in args.passes):
+    if any(size < 1 or PASSES_BATCH % size for size in args.passes):
         p.error(f"--passes sizes must divide the speed run's batch of 2,000 images; got {args.passes}")
     if args.processes < 1 or args.processes > 1 and (128 % args.processes or utils.get_device().type != "cpu"):
         p.error(f"--processes must divide the batch of 128 and is for the CPU; got {args.processes}")
@@ -207,7 +211,7 @@ def main():
         print("| --- | ---: | ---: |")
         for size in args.passes:
             rate, macs = speedrun_rate(size, x, y, max(4, args.steps // 3))
-            print(f"| batch 2,000 as passes of {size:,} images | {rate:.0f} | {rate * 6 * macs / (peak * 1e9):.0%} |")
+            print(f"| batch {PASSES_BATCH:,} as passes of {size:,} images | {rate:.0f} | {rate * 6 * macs / (peak * 1e9):.0%} |")
     if profiles:
         kinds = [kind for kind, _ in OP_KINDS] + ["other"]
         print(f"\n| model (profiled, {precision}) | " + " | ".join(f"time in {k}" for k in kinds)
