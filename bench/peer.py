@@ -9,7 +9,13 @@ package, only while it runs, and restored afterwards (`cpu_stand_ins`):
 4. `torch.load(..., map_location=<GPU 0>)` -> onto the CPU;
 5. fp16 (`Tensor.half`, `nn.Module.half`) -> fp32 weights, with the whole run under autocast in the run's precision
    (bf16 where `auto` picks it, as this project's engine trains). fp16 has no fast CPU kernels, and bf16 weights
-   would silently skip airbench's lookahead, which averages only fp16 and fp32 tensors.
+   would silently skip airbench's lookahead, which averages only fp16 and fp32 tensors. Autocast's weight cache
+   is off: it keeps each weight's bf16 copy until the autocast region ends, and this region is the whole run, so
+   every step would compute with the first step's weights (the loss stays at 2.3).
+6. `airbench.utils.init_whitening_conv` -> the same function with autocast off: airbench computes its whitening
+   filters in fp32 (the patches' covariance and its eigenvectors); under bf16 autocast the covariance's matrix
+   product would round to 8 bits of mantissa, its smallest eigenvalues would come out negative, the filters NaN,
+   and the run would score 10%.
 
 Its data files (`cifar10/train.pt`, `cifar10/test.pt` in its own format, which it would otherwise download) are
 written from the same arrays this project's run reads. Everything else (network, recipe, augmentation, schedule,
@@ -55,7 +61,7 @@ def _swapped(obj, name, value):
 
 @contextlib.contextmanager
 def cpu_stand_ins(precision):
-    """The five swaps of the module docstring, undone on exit (also on an error)."""
+    """The swaps 1-5 of the module docstring, undone on exit (also on an error)."""
     torch_load = torch.load
 
     def load_on_cpu(f, *args, map_location=None, **kwargs):
@@ -64,7 +70,8 @@ def cpu_stand_ins(precision):
     def to_fp32(self, *args, **kwargs):
         return self.float()
 
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext())
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False) if precision == "bf16"
+                else contextlib.nullcontext())
     with contextlib.ExitStack() as stack:
         stack.enter_context(_swapped(torch.cuda, "Event", WallClockEvent))
         stack.enter_context(_swapped(torch.cuda, "synchronize", lambda *args, **kwargs: None))
@@ -73,6 +80,22 @@ def cpu_stand_ins(precision):
         stack.enter_context(_swapped(torch.Tensor, "half", to_fp32))
         stack.enter_context(_swapped(nn.Module, "half", to_fp32))
         stack.enter_context(autocast)
+        yield
+
+
+def without_autocast(function):
+    """`function` run with autocast off: as written, in the dtypes of its inputs."""
+    def in_fp32(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False):
+            return function(*args, **kwargs)
+    return in_fp32
+
+
+@contextlib.contextmanager
+def whitening_in_fp32(airbench_utils):
+    """Swap 6 of the module docstring, undone on exit."""
+    fp32 = without_autocast(airbench_utils.init_whitening_conv)
+    with _swapped(airbench_utils, "init_whitening_conv", fp32):
         yield
 
 
@@ -95,7 +118,7 @@ def run_peer(name, folder, precision, seed=0, **train_kwargs):
     here = Path.cwd()
     os.chdir(folder)  # airbench opens cifar10/train.pt and cifar10/test.pt relative to the working folder
     try:
-        with cpu_stand_ins(precision):
+        with cpu_stand_ins(precision), whitening_in_fp32(importlib.import_module("airbench.utils")):
             torch.manual_seed(seed)
             start = time.perf_counter()
             model = getattr(airbench, PEERS[name])(verbose=False, **train_kwargs)

@@ -396,6 +396,34 @@ def test_stand_ins_compute_in_the_run_precision_and_are_undone(precision, dtype)
     assert torch_entry_points() == before and torch.ones(1).half().dtype == torch.float16
 
 
+def test_peer_steps_compute_with_the_updated_weights_inside_a_bf16_run():
+    # the whole peer run is one autocast region: with autocast's weight cache on, every forward pass used the
+    # first step's bf16 copy of each weight, and airbench94's loss stayed at 2.3
+    conv, x = torch.nn.Conv2d(3, 4, 3), torch.rand(2, 3, 8, 8)
+    with peer.cpu_stand_ins("bf16"):
+        before = conv(x)
+        with torch.no_grad():
+            conv.weight.mul_(2)  # what an optimizer step does: in place
+        after = conv(x)
+    assert not torch.allclose(before, after)
+
+
+def test_peer_whitening_is_computed_in_fp32_inside_a_bf16_run():
+    # bf16 autocast rounded the patches' covariance: on CIFAR-10 its smallest eigenvalues came out negative, the
+    # filters NaN, and airbench94 scored 10%
+    import airbench.utils
+    patches = torch.rand(500, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    fp32 = torch.nn.Conv2d(3, 24, 2, padding=0)
+    airbench.utils.init_whitening_conv(fp32, patches)
+    swapped = airbench.utils.init_whitening_conv
+    with peer.cpu_stand_ins("bf16"), peer.whitening_in_fp32(airbench.utils):
+        assert airbench.utils.init_whitening_conv is not swapped
+        in_run = torch.nn.Conv2d(3, 24, 2, padding=0)
+        airbench.utils.init_whitening_conv(in_run, patches)
+    assert airbench.utils.init_whitening_conv is swapped
+    torch.testing.assert_close(in_run.weight, fp32.weight)
+
+
 def test_peer_trains_airbench_on_the_cpu_from_our_arrays(tmp_path):
     x, y, x_test, y_test = make_fake_arrays(1024, 200)
     peer.write_peer_data(tmp_path, x, y, x_test, y_test, utils.CLASSES)
