@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
+from peer import PEERS as PEER_FUNCTIONS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RELEASES = ["checkpoints/resnet20.pth", "checkpoints/resnet20b.pth", "checkpoints/resnet18.pth"]
@@ -32,6 +33,7 @@ TITLES = {"resnet20": "ResNet20 (shortcut option A)", "resnet20b": "ResNet20 (pr
           "speedrun": "the speed run's network (whitening stem, three residual groups)",
           "speedrun94": "the speed run's network without shortcuts, trained with Muon",
           "speedrun95": "the speed run's wide network (widths 128/384/384, no shortcuts)"}
+PEER_RESULTS = "checkpoints/speedrun_peer.json"  # bench/speedrun.py --peer airbench94 --json PEER_RESULTS
 SPEEDRUN = utils.SPEEDRUN_RESULTS["tier94_sgd"][1]  # the first lap's release, the README's quick example
 # release file -> (recipe name, results file) of each recipe's final protocol (bench/speedrun.py --recipe NAME)
 SPEEDRUNS = {release: (name, runs) for name, (runs, release) in utils.SPEEDRUN_RESULTS.items()}
@@ -68,7 +70,7 @@ still rising in its final 5 epochs, by one more stage-three span at lr 0.001, no
 
 | run | reproduces | recipe | folder |
 | --- | --- | --- | --- |
-| ResNet20, projection (option B) shortcuts, second run | the ResNet20 report: 92.07% test, which the first run (`checkpoints/resnet20b.pth`, chosen on validation) did not reach single view | the first run's recipe with seed 1 (which also draws its own validation split). Rule, written before it starts: of the two runs, the one with the higher best validation accuracy becomes the release, whatever the test set says; the other is listed under superseded runs | `checkpoints/resnet20b_seed1_run` (not started) |
+| ResNet20, projection (option B) shortcuts, second run | the ResNet20 report: 92.07% test, which the first run (`checkpoints/resnet20b.pth`, chosen on validation) did not reach single view | the first run's recipe with seed 1 (which also draws its own validation split). Rule, written before it starts: of the two runs, the one with the higher best validation accuracy becomes the release, whatever the test set says; the other is listed under superseded runs | `checkpoints/resnet20b_seed1_run` (under way) |
 | ResNet v1, 110 layers (standard blocks, 18 a stage, projection shortcuts) | the ResNet v1/v2 report: 89.81% with Adam | SGD momentum 0.9, batch 128, one warm-up epoch at lr 0.01, then lr 0.1 / 0.01 / 0.001 to epochs 25 / 38 / 50 (`--stages 0.01:1 0.1:25 0.01:38 0.001:50`), weight decay 5e-4, flips and 4-pixel crops, seed 0. The warm-up is He et al.'s rule for their 110-layer net (lr 0.1 is too large to start converging); a first try without it ended its first epoch at 86.5% training error and was stopped there | `checkpoints/resnet110b_run` (not started) |
 | ResNet v2, 164 layers (pre-activation bottleneck blocks, 18 a stage) | the same report: 87.29% with Adam; its companion: 86.04% with SGD | as ResNet v1 | `checkpoints/preact_resnet164_run` (not started) |
 | ResNet18, ImageNet layout (7 × 7 stride-2 stem, max-pool), images resized to 224 | the 224-pixel ResNet18 report: 88.0% after 20 epochs at batch 64 | SGD momentum 0.9, batch 128, lr 0.1 / 0.01 / 0.001 to epochs 8 / 12 / 15, weight decay 5e-4, flips and 4-pixel crops before the resize, seed 0 | `checkpoints/resnet18_imagenet_run` (not started) |
@@ -146,6 +148,25 @@ def speedrun_rows(releases=None):
                     f"{utils.machine_name(slowest['hardware'])}, {slowest['precision']}) | "
                     f"[`{release}`](checkpoints/README.md#{release_name(release)}): "
                     f"{seed0['test_acc_tta']:.2%} / {seed0['test_acc']:.2%} |")
+    return rows
+
+
+def peer_rows(results_file=PEER_RESULTS):
+    """The README's peer table from `bench/speedrun.py --peer NAME --json FILE`: per seed, airbench's own code and
+    our recipe trained in one process on the same CPU and arrays; nothing when no such run has finished."""
+    if not (ROOT / results_file).is_file():
+        return []
+    results = json.loads((ROOT / results_file).read_text())
+    rows = ["| seed | trained by | test acc, its test-time views | single view | minutes at 800 GFLOP/s "
+            "(wall time, machine) |", "| ---: | --- | ---: | ---: | --- |"]
+    for run in results["runs"]:
+        theirs = f"airbench {run['peer']['airbench_version']}'s own `{PEER_FUNCTIONS[results['peer']]}`"
+        ours = recipe_label(results["recipe_name"], results["recipe"])
+        machine = utils.machine_name(run["ours"]["hardware"])  # one process: the same machine for both
+        for label, side in ((theirs, run["peer"]), (ours, run["ours"])):
+            rows.append(f"| {run['seed']} | {label} | {side['test_acc_tta']:.2%} | {side['test_acc']:.2%} | "
+                        f"{side['seconds_at_800'] / 60:.1f} ({side['seconds'] / 60:.1f} min, {machine}, "
+                        f"{side['precision']}) |")
     return rows
 
 
@@ -312,6 +333,8 @@ def main():
     args = p.parse_args()
     if args.speedrun:
         print("\n".join(speedrun_rows()))
+        if peer_rows():
+            print("\n" + "\n".join(peer_rows()))
         return
     _, _, x_test, y_test = utils.load_cifar10(args.data)
     if args.card and args.paths == RELEASES:

@@ -87,11 +87,28 @@ def test_readme_rows_and_model_card_are_what_the_release_files_give():
     assert release_table.SPEEDRUN in release_table.speedrun_releases()
     for line in release_table.speedrun_rows():  # the speed-run table is the results files'
         assert line in readme, line
+    for line in release_table.peer_rows():  # and so is the peer's, once its run has finished
+        assert line in readme, line
     for line in utils.reports_table(figures):  # the reports reproduced: this project's figures are the rows'
         assert line in readme, line
     committed = (ROOT / "checkpoints" / "README.md").read_text()
     assert release_table.card(figures) == committed, \
         "the model card differs from the release files: python bench/release_table.py --card checkpoints/README.md"
+
+
+def test_peer_table_gives_each_side_of_each_run_from_its_results_file(tmp_path):
+    assert release_table.peer_rows(tmp_path / "none.json") == []  # no run finished: no table
+    recipe = json.loads((ROOT / utils.SPEEDRUN_RESULTS["tier94_muon"][0]).read_text())["recipe"]
+    side = dict(seed=3, precision="bf16", hardware="AMD EPYC family 25 (AVX512-BF16), 2 threads, bf16")
+    run = dict(seed=3, peer=dict(side, test_acc=0.93, test_acc_tta=0.9401, seconds=600, seconds_at_800=300,
+                                 airbench_version="0.1.8"),
+               ours=dict(side, test_acc=0.92, test_acc_tta=0.9395, seconds=480, seconds_at_800=240))
+    path = tmp_path / "peer.json"
+    path.write_text(json.dumps(dict(recipe_name="tier94_muon", recipe=recipe, peer="airbench94", runs=[run])))
+    header, rule, theirs, ours = release_table.peer_rows(path)
+    assert theirs == ("| 3 | airbench 0.1.8's own `train94` | 94.01% | 93.00% | 5.0 (10.0 min, AMD EPYC family 25, "
+                      "bf16) |")
+    assert ours.startswith("| 3 | `tier94_muon`: 8 epochs, Muon | 93.95% | 92.00% | 4.0 (8.0 min,")
 
 
 @pytest.mark.parametrize("path", sorted(RESULTS))
