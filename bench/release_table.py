@@ -326,7 +326,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="*", default=RELEASES, help="release files (relative to the project)")
     p.add_argument("--card", help="write the model card of the files here instead of printing rows")
-    p.add_argument("--speedrun", action="store_true", help="print the README's speed-run tables (recipes, peer) from the results files")
+    p.add_argument("--speedrun", action="store_true",
+                   help="print the README's speed-run tables (recipes, peer) from the results files")
     p.add_argument("--reports", action="store_true",
                    help="print the README's table of the reference reports against this project's runs")
     p.add_argument("--data", help="CIFAR-10 folder (else CIFAR10_DIR, data/)")
