@@ -167,7 +167,8 @@ def quantize_int8(model, preprocess, calibration=None, cache=None, key=None):
     batch = {0: torch.export.Dim("batch", min=1, max=4096)}  # calibration batches of any size
     with torch.no_grad():
         graph = torch.export.export(copy.deepcopy(model).float().eval(), example, dynamic_shapes=(batch,)).module()
-        prepared = prepare(graph, make_quantizer())  # folds batch norm into the convolutions of the copy
+        with _quiet_libraries():  # the 224-pixel stem's max-pool stays in float, which the quantizer warns of
+            prepared = prepare(graph, make_quantizer())  # folds batch norm into the convolutions of the copy
         observers = _observers(prepared)
         stats = _cached_statistics(cache, key, observers) if cache else None
         if stats is None:

@@ -155,3 +155,26 @@ def test_activations_keep_7_bits_where_the_cpu_lacks_vnni(monkeypatch, tmp_path,
 def _activation_specs(quantizer):
     config = quantizer.global_config
     return [config.input_activation, config.output_activation]
+
+
+@pytest.mark.parametrize("arch, options", [("resnet8", {"shortcut": "B"}), ("preact_resnet11", {}),
+                                           ("resnet18_imagenet", {})])
+def test_int8_follows_fp32_for_every_family_of_the_releases(arch, options, recwarn):
+    """Projection shortcuts (ResNet20-B, v1-110), pre-activation bottlenecks whose batch norm comes before its
+    convolution (v2-164, nothing to fold it into) and the 224-pixel ImageNet layout with its max-pool."""
+    _needs_int8()
+    torch.manual_seed(0)
+    net = utils.build_model(arch, **options).eval()
+    with torch.no_grad():  # running statistics a trained net would have, not the identity of a new one
+        for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 2.0)
+    preprocess = utils.Preprocess(size=utils.input_size(arch))
+    images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), np.uint8)
+    int8 = quantize.quantize_int8(net, preprocess, calibration=images)
+    assert not [w for w in recwarn if "quantiz" in str(w.message)]  # nothing a reader of the output can act on
+    x = preprocess(utils.as_image_batch(images[:8]))
+    with torch.no_grad():
+        want, got = net(x), int8(x)
+    assert got.shape == want.shape == (8, 10)
+    assert (got - want).abs().max() < 0.05 * want.abs().max()  # a few percent of the logits' range, not noise
