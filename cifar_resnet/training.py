@@ -196,7 +196,8 @@ class Trainer:
                  tensorboard_dir=None):
         self.cfg, self.device, self.rank, self.world_size = cfg, get_device(device), rank, world_size
         self.precision = resolve_precision(self.device, cfg.precision)
-        self.compiled, self.compile_note = resolve_compile(self.device, cfg.compile)  # note: a few words why
+        images = cfg.stages[-1][1] * len(data[1])  # the whole run's, so that its resumes decide alike
+        self.compiled, self.compile_note = resolve_compile(self.device, cfg.compile, images)  # note: why, briefly
         if self.device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
         self.progress = progress and rank == 0
@@ -218,7 +219,7 @@ class Trainer:
         if run_dir is not None and rank == 0:
             self.folder = (run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir)).lock()
         self.run_dir = getattr(run_dir, "path", None) or (Path(run_dir) if run_dir else None)
-        self.hardware = hardware_label(self.device, self.precision)
+        self.hardware = hardware_label(self.device, self.precision) + ", compiled" * self.compiled
         self.history = {k: [] for k in HISTORY_KEYS} | {"stage_ends": []}
         self.writer = self._tensorboard(tensorboard_dir) if tensorboard_dir and rank == 0 else None
 
