@@ -81,8 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--limit-val", type=positive_int, help="validate on the first N validation images")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--compile", nargs="?", const="on", default="auto", choices=utils.COMPILE_CHOICES,
-                   help="torch.compile the model: auto (on a GPU, and on a CPU for a run long enough to repay "
-                        "compiling), on (--compile alone) or off")
+                   help="torch.compile the model: auto (on a GPU; eager on a CPU, where it trains no faster), "
+                        "on (--compile alone) or off")
     p.add_argument("--tensorboard", help="folder for TensorBoard scalars")
     p.add_argument("--no-progress", action="store_true", help="no per-epoch progress bar")
     args = p.parse_args(argv)

@@ -5,13 +5,14 @@ DataLoader with 2 workers, fp32, NCHW. Engine: utils.BatchLoader (batched augmen
 utils.train_epoch with channels_last and the precision utils.resolve_precision picks (bf16 where it measures
 faster, AMP on CUDA).
 Also: the fraction of the device's measured matmul peak that the engine's training step reaches, and with
---compile the same step through torch.compile (Inductor), measured in the same run. With --processes N (CPU),
-the same step data-parallel in N processes of one thread each, half the batch each (what
-`torchrun --nproc_per_node=N train.py` runs), beside the one process of all threads. With --profile, where the
-engine's step spends its time (convolutions, batch norm, ReLU, additions, the rest; forward and backward) and the
-rate of the convolutions alone as a share of the peak: what bounds the whole step's share. With --passes, the speed
-run's own training (utils.speedrun, recipe tier94_muon: batches of 2,000 images, Muon, lookahead) for a few steps
-with each batch run as passes of each given size: what its micro_batch buys.
+--compile the same step through torch.compile (Inductor), measured in the same run, alternating with the eager
+step (the fastest of two each). With --processes N (CPU), the same step data-parallel in N processes of one
+thread each, half the batch each (what `torchrun --nproc_per_node=N train.py` runs), beside the one process of
+all threads. With --profile, where the engine's step spends its time (convolutions, batch norm, ReLU, additions,
+the rest; forward and backward) and the rate of the convolutions alone as a share of the peak: what bounds the
+whole step's share. With --passes, the speed run's own training (utils.speedrun, recipe tier94_muon: batches of
+2,000 images, Muon, lookahead) for a few steps with each batch run as passes of each given size: what its
+micro_batch buys.
 
     python bench/train_throughput.py [--steps 30] [--archs resnet20 speedrun resnet18] [--compile] [--processes 2]
                                      [--profile] [--passes 2000 250]
@@ -194,9 +195,13 @@ def main():
             shares = step_profile(fresh_model(arch, device, True), batches, sgd_step(device, precision), warmup,
                                   steps=min(5, steps))
             profiles.append((arch, shares, share_of_peak(fast / shares["convolutions"])))
-        if args.compile:  # the first steps compile: a longer warm-up, so none of that time is counted
-            compiled = timed_steps(fresh_model(arch, device, True, compiled=True), batches,
-                                   sgd_step(device, precision), warmup + 3)
+        if args.compile:  # alternated with eager, each's fastest of two: one shared CPU's drift decides nothing
+            compiled_model = fresh_model(arch, device, True, compiled=True)
+            step = sgd_step(device, precision)
+            compiled = timed_steps(compiled_model, batches, step, warmup + 3)  # the first steps compile
+            eager = max(fast, timed_steps(fresh_model(arch, device, True), batches, step, warmup))
+            compiled = max(compiled, timed_steps(compiled_model, batches, step, warmup))
+            rows[-1] = (arch, base, eager, share_of_peak(eager))
             rows.append((f"{arch}, compiled", base, compiled, share_of_peak(compiled)))
         if args.processes > 1:
             parallel = data_parallel_rate(arch, precision, x[:n], y[:n], warmup, args.processes)

@@ -29,7 +29,7 @@ __all__ = ["PROJECT_DIR", "PRECISIONS", "PREDICT_PRECISIONS", "DTYPES", "BF16_MI
            "hardware_label", "machine_name", "AUTO_PRECISION_ENV", "auto_precision_override",
            "precision_choice", "runtime_summary", "setup_notebook", "runtime_requirements",
            "install_missing_requirements", "seed_everything", "library_versions", "COMPILE_CHOICES",
-           "check_compile", "compiler_missing", "CPU_COMPILE_MIN_IMAGES", "resolve_compile"]
+           "check_compile", "compiler_missing", "resolve_compile"]
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
@@ -229,34 +229,25 @@ def compiler_missing(device):
             "no GPU compiler found"
 
 
-# A CPU compiles only a run long enough to repay it: Inductor takes 1 to 3 minutes to build a CIFAR ResNet's
-# training, last-batch and evaluation graphs (ResNet20: about 1 minute, ResNet110: about 3 on 2 cores), and the
-# compiled step is then about a fifth faster for ResNet20 (bench/train_throughput.py --compile: 26% in bf16,
-# 20% in fp32 on an AMD EPYC of family 25; ResNet18: 3%). Counted in images trained: epochs x training images.
-CPU_COMPILE_MIN_IMAGES = 1_000_000  # about 22 epochs of the 45,000-image split; images trained, not steps
-
-
-def resolve_compile(device, choice="auto", images=None):
+def resolve_compile(device, choice="auto"):
     """(compile or not, why in a few words) for 'auto', 'on' or 'off' on this device.
 
-    'auto' compiles on a GPU, where Inductor fuses the batch norms and activations into few kernels, and on a CPU
-    for a run that trains on at least CPU_COMPILE_MIN_IMAGES images in all (`images`: epochs x training images),
-    where the same fusion makes the step faster but compiling takes minutes. 'on' compiles unless no compiler is
-    found, and says so instead of failing at the first step.
+    'auto' compiles on a GPU, where Inductor fuses the batch norms and activations into few kernels, and not on a
+    CPU: there a compiled ResNet20 trains no faster than an eager one (its epochs alternated with eager ones in
+    fresh processes, and the option-B ResNet20's own epochs, 56-59 s compiled against 53-59 s eager), while
+    compiling takes 1 to 3 minutes. 'on' compiles unless no compiler is found, and says so instead of failing at
+    the first step.
     """
     choice = check_compile(choice)
     device = torch.device(device)
     if choice == "off":
         return False, "compile off"
-    short = device.type == "cpu" and (images is None or images < CPU_COMPILE_MIN_IMAGES)
-    if choice == "auto" and short:
-        return False, "auto: eager, a short run on a CPU (compiling would take longer than it saves)"
+    if choice == "auto" and device.type == "cpu":
+        return False, "auto: eager, no faster compiled on a CPU"
     missing = compiler_missing(device)
     if missing:
         return False, f"not compiled: {missing}"
-    if choice == "on":
-        return True, "compiled"
-    return True, "compiled (auto on a GPU)" if device.type == "cuda" else "compiled (auto on a CPU: a long run)"
+    return True, f"compiled{' (auto on a GPU)' if choice == 'auto' else ''}"
 
 
 def runtime_summary():

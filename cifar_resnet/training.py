@@ -196,8 +196,7 @@ class Trainer:
                  tensorboard_dir=None):
         self.cfg, self.device, self.rank, self.world_size = cfg, get_device(device), rank, world_size
         self.precision = resolve_precision(self.device, cfg.precision)
-        images = cfg.stages[-1][1] * len(data[1])  # the whole run's, so that its resumes decide alike
-        self.compiled, self.compile_note = resolve_compile(self.device, cfg.compile, images)  # note: why, briefly
+        self.compiled, self.compile_note = resolve_compile(self.device, cfg.compile)  # note: a few words why
         if self.device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
         self.progress = progress and rank == 0

@@ -342,30 +342,19 @@ def test_compile_switch_trains_the_same_as_eager(tmp_path):
         assert torch.allclose(a.float(), b.float(), atol=1e-3), name  # the same weights after the epoch
 
 
-def test_compile_auto_compiles_a_long_cpu_run_only_and_on_falls_back_in_one_line_without_a_compiler(tmp_path,
-                                                                                                   monkeypatch):
-    """'auto' compiles on a GPU that has a compiler, and on a CPU only a run long enough to repay compiling (the
-    whole run's images, so a resumed run decides as it did at its start); 'on' without a compiler trains eager and
-    says why, instead of failing at the first step; bools read as 'on' / 'off'."""
-    long_run = utils.CPU_COMPILE_MIN_IMAGES
+def test_compile_auto_is_eager_on_a_cpu_and_on_falls_back_in_one_line_without_a_compiler(tmp_path, monkeypatch):
+    """'auto' keeps a CPU eager (no faster compiled there) and compiles on a GPU that has a compiler; 'on' without a
+    compiler trains eager and says why, instead of failing at the first step; bools read as 'on' / 'off'."""
     monkeypatch.setattr(runtime, "compiler_missing", lambda device: None)
-    assert utils.resolve_compile("cpu", "auto", long_run - 1)[0] is False
-    assert utils.resolve_compile("cpu", "auto")[0] is False  # length unknown: eager
-    assert utils.resolve_compile("cpu", "auto", long_run) == (True, "compiled (auto on a CPU: a long run)")
-    assert utils.resolve_compile("cpu", "off", long_run)[0] is False
+    assert utils.resolve_compile("cpu", "auto") == (False, "auto: eager, no faster compiled on a CPU")
+    assert utils.resolve_compile("cpu", "off")[0] is False
     assert utils.TrainConfig(compile=True).compile == "on" and utils.TrainConfig(compile=False).compile == "off"
     with pytest.raises(ValueError, match="compile must be one of 'auto', 'on', 'off'; got 'yes'"):
         utils.TrainConfig(compile="yes")
     assert utils.resolve_compile("cuda", "auto") == (True, "compiled (auto on a GPU)")
     assert utils.resolve_compile("cpu", "on") == (True, "compiled")
-    decided = []
-    monkeypatch.setattr(training, "resolve_compile", lambda device, choice, images: decided.append(images) or
-                        (False, "eager"))
-    trainer = tiny_trainer(tmp_path / "a", stages=[(0.1, 2), (0.01, 3)], precision="fp32")
-    assert decided == [3 * len(trainer.train_loader.y)]  # every epoch of the whole run, not one stage's
-    monkeypatch.undo()
     monkeypatch.setattr(runtime, "compiler_missing", lambda device: "no C++ compiler found (g++ or $CXX)")
-    trainer = tiny_trainer(tmp_path / "b", stages=[(0.1, 1)], precision="fp32", compile="on")
+    trainer = tiny_trainer(tmp_path, stages=[(0.1, 1)], precision="fp32", compile="on")
     assert trainer.model is trainer.net and trainer.compile_note == "not compiled: no C++ compiler found (g++ or $CXX)"
 
 
