@@ -332,6 +332,33 @@ def test_muon_steps_filters_by_an_orthogonalized_update_and_sgd_the_rest():
     assert isinstance(sgd_only, torch.optim.SGD)  # the switch off: today's recipe, one SGD
 
 
+def test_whiten_bias_decay_gives_that_bias_the_bn_biases_lr_falling_to_zero():
+    net = utils.build_model("speedrun")
+    cfg = utils.SpeedRunConfig(muon=True, whiten_bias_decay=True, whiten_bias_epochs=3)
+    groups = utils.speedrun_optimizer(net, cfg).param_groups
+    (whiten,) = [g for g in groups if g.get("whiten_bias")]
+    assert [id(p) for p in whiten["params"]] == [id(net.whiten.bias)]
+    assert all(id(p) != id(net.whiten.bias) for g in groups if g is not whiten for p in g["params"])
+    assert whiten["base_lr"] == groups[0]["base_lr"] == groups[1]["base_lr"] * cfg.bias_lr_scale
+    assert whiten["weight_decay"] == groups[0]["weight_decay"]  # the same decay per image as every group
+    assert [utils.whiten_bias_lr_factor(cfg, step, 10) for step in (0, 15, 30, 40)] == [1.0, 0.5, 0.0, 0.0]
+    off = utils.speedrun_optimizer(net, utils.SpeedRunConfig(muon=True)).param_groups
+    assert not any(g.get("whiten_bias") for g in off)  # off: the bias in the base-lr group, as before
+
+
+def test_whiten_bias_decay_moves_the_whitening_bias_further_in_a_run():
+    x, y, _, _ = make_fake_arrays(256)
+    moved = {}
+    for decay in (False, True):
+        cfg = utils.SpeedRunConfig(epochs=2, batch_size=64, whiten_bias_epochs=1, muon=True, precision="fp32",
+                                   whiten_bias_decay=decay, lookahead=False)
+        torch.manual_seed(cfg.seed)  # the run's own initialization, which it starts from
+        start = utils.build_model("speedrun").whiten.bias.detach()
+        end = utils.speedrun(cfg, x, y, log=None)["model"].whiten.bias.detach()
+        moved[decay] = (end - start).abs().max().item()
+    assert moved[True] > 5 * moved[False] > 0  # 36x the lr for its one epoch, even falling to zero
+
+
 def test_speedrun_with_muon_trains(tmp_path):
     x, y, _, _ = make_fake_arrays(256)
     cfg = utils.SpeedRunConfig(epochs=2, batch_size=64, whiten_bias_epochs=1, muon=True, precision="fp32")
