@@ -1,4 +1,4 @@
-"""Command line for long runs on the engine of the cifar_resnet package (the same one the notebooks use).
+r"""Command line for long runs on the engine of the cifar_resnet package (the same one the notebooks use).
 
     python train.py --arch resnet20 --stages 0.1:82 0.01:123 0.001:164 --wd 5e-4 --label-smoothing 0.1 \
         --out checkpoints/r20                         # the ResNet20 release's recipe

@@ -1,4 +1,5 @@
 """What a reader sees: references named by what they are, no test plumbing in the cells, readable banners."""
+import ast
 import re
 from pathlib import Path
 
@@ -55,3 +56,19 @@ def test_code_lines_fit_a_notebook_column(path):
     long = [line for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code"
             for line in cell.source.splitlines() if len(line) > 100]
     assert not long, f"{len(long)} code lines over 100 characters, the first: {long[0]!r}"
+
+
+def module_docstring(path):
+    """(the docstring as Python reads it, its literal as written) of a module that opens with one, else None."""
+    tree = ast.parse(path.read_text())
+    if ast.get_docstring(tree) is None:
+        return None
+    return ast.get_docstring(tree, clean=False), ast.get_source_segment(path.read_text(), tree.body[0])
+
+
+@pytest.mark.parametrize("path", [p for p in PROSE if p.suffix == ".py" and module_docstring(p)], ids=lambda p: p.name)
+def test_commands_in_a_docstring_keep_their_line_continuations(path):
+    # A script's docstring is its --help text; in a plain string a backslash at a line's end joins two lines, so
+    # a command written on two lines was printed as one with a gap in it
+    text, literal = module_docstring(path)
+    assert text.count("\\\n") == literal.count("\\\n"), "a backslash-newline is lost: write the docstring as a raw string"
