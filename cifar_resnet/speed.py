@@ -107,7 +107,8 @@ SPEEDRUN_RECIPES = {
     # the base lr), falling linearly to zero over its 3 epochs; tier94_muon gives it the base lr on the run's
     # schedule. Its five final runs follow only if its validation run reaches 93.84% with the views, 0.1 point
     # above tier94_muon's 93.74% (the gap by which tier94_muon's final mean missed 94.0%; rule written before
-    # the run).
+    # the run). Its validation run ended at 93.30% with the views (checkpoints/speedrun_tiers_val.json): below the
+    # gate, so it has no final runs.
     "tier94_muon_bias": SpeedRunConfig(epochs=8, batch_size=2000, micro_batch=250, muon=True, warmup=0.0,
                                        bias_lr_scale=36.0, residual=False, whiten_bias_decay=True),
     # After airbench95: widths 128/384/384, 15 epochs, lr 10 rising over 23% of the steps and ending at 0.07x, no
