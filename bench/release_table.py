@@ -148,7 +148,8 @@ def speedrun_rows(releases=None):
                     f"{slowest['seconds_at_800'] / 60:.1f} min ({slowest['seconds'] / 60:.1f} min, "
                     f"{utils.machine_name(slowest['hardware'])}, {slowest['precision']}) | "
                     f"[`{release}`](checkpoints/README.md#{release_name(release)}): "
-                    f"{seed0['test_acc_tta']:.2%} / {seed0['test_acc']:.2%} |")
+                    f"{seed0.get('release_test_acc_tta', seed0['test_acc_tta']):.2%} / "
+                    f"{seed0.get('release_test_acc', seed0['test_acc']):.2%} |")
     return rows
 
 

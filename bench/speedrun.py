@@ -1,7 +1,8 @@
 """The speed run's final protocol: train on all 50,000 training images with the fixed recipe, score the test set.
 
-Per run (seed 0, then 1, 2, ...): the test accuracy single view and with the recipe's test-time views, the wall seconds from
-loading the arrays to the final test accuracy, and those seconds scaled to a machine whose matmul peak in the run's
+Per run (seed 0, then 1, 2, ...): the test accuracy single view and with the recipe's test-time views (scored in the
+run's training precision, as airbench scores in its own; a saved release is scored again in fp32 after the clock
+stops), the wall seconds from loading the arrays to the final test accuracy, and those seconds scaled to a machine whose matmul peak in the run's
 precision is 800 GFLOP/s (seconds x measured peak / 800). The peaks are measured in the same process, before the runs.
 Run it on an otherwise idle machine, one run at a time.
 
@@ -83,20 +84,31 @@ def summarize(results):
 
 
 def one_run(cfg, device, peaks, data_dir, save=None):
-    """Train and score one seed; every second from loading the arrays to the test accuracy counts."""
+    """Train and score one seed; every second from loading the arrays to the test accuracy counts.
+
+    The timed test accuracy is scored in the run's training precision (as airbench scores in its own). A saved
+    release is scored again in fp32 after the clock stops: the figures `Loaded_model` gives for the file."""
     start = time.perf_counter()
     x, y, x_test, y_test = utils.load_cifar10(data_dir)
     result = utils.speedrun(cfg, x, y, device=device, log=lambda line: print(line, flush=True))
-    single, views = utils.speedrun_scores(result, x_test, y_test, cfg.tta, device)
+    precision = result["precision"]
+    single, views = utils.speedrun_scores(result, x_test, y_test, cfg.tta, device, precision)
     seconds = time.perf_counter() - start
-    peak = peaks[result["precision"]]
-    run = dict(seed=cfg.seed, test_acc=single, test_acc_tta=views, seconds=seconds,
-               seconds_at_800=seconds * peak / REFERENCE_GFLOPS, precision=result["precision"], peak_gflops=peak,
-               hardware=result["hardware"], epoch_seconds=result["history"]["seconds"])
+    run = dict(seed=cfg.seed, test_acc=single, test_acc_tta=views, score_precision=precision, seconds=seconds,
+               seconds_at_800=seconds * peaks[precision] / REFERENCE_GFLOPS, precision=precision,
+               peak_gflops=peaks[precision], hardware=result["hardware"], epoch_seconds=result["history"]["seconds"])
     if save:
-        utils.save_checkpoint(utils.speedrun_checkpoint(cfg, result, test_acc=single, test_acc_tta=views,
-                                                        seconds=seconds), save)
+        release = dict(zip(("test_acc", "test_acc_tta"), utils.speedrun_scores(result, x_test, y_test, cfg.tta,
+                                                                                device)))
+        run |= {f"release_{key}": value for key, value in release.items()}
+        utils.save_checkpoint(utils.speedrun_checkpoint(cfg, result, seconds=seconds, **release), save)
     return run
+
+
+def score_precision_of(run):
+    """The precision a recorded run's test accuracy was scored in: runs before score_precision was recorded
+    were scored in fp32."""
+    return run["ours"].get("score_precision", "fp32") if "ours" in run else run.get("score_precision", "fp32")
 
 
 def peer_run(name, cfg, peaks, data_dir, folder):
@@ -131,16 +143,20 @@ def main():
         p.error("--peer runs on the CPU, without --save, and needs the airbench package (requirements-dev.txt)")
     cfg = utils.speedrun_recipe(args.recipe, **({} if args.epochs is None else {"epochs": args.epochs}))
     recipe = asdict(cfg)
+    precision = utils.resolve_precision(device, recipe["precision"])
     results = {"recipe_name": args.recipe, "recipe": recipe, "runs": []} | ({"peer": args.peer} if args.peer else {})
     if args.json and args.json.exists():
         results = json.loads(args.json.read_text())
         if not utils.same_recipe(results.get("recipe", {}), cfg) or results.get("peer") != args.peer:
             p.error(f"{args.json} holds runs of another recipe or peer; choose another --json file "
                     "(nothing is overwritten)")
+        scored = {score_precision_of(run) for run in results["runs"]} - {precision}
+        if scored:
+            p.error(f"{args.json} holds runs scored in {', '.join(sorted(scored))}; this run scores in {precision}: "
+                    "choose another --json file (one protocol, one precision; nothing is overwritten)")
     seed_0_runs = 0 not in {r["seed"] for r in results["runs"]}  # --save applies to seed 0's run only
     if args.save and seed_0_runs and args.save.exists():
         p.error(f"{args.save} exists; move it away or choose another --save path (nothing is overwritten)")
-    precision = utils.resolve_precision(device, recipe["precision"])
     peaks = measured_peaks(device, also=[precision])
     results |= {"peak_bf16_gflops": peaks.get("bf16"), "peak_fp32_gflops": peaks["fp32"]}
     results["reported"] = "test_acc_tta" if recipe["tta"] != "none" else "test_acc"

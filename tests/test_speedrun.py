@@ -242,6 +242,25 @@ def test_bench_writes_and_continues_its_results_file(tmp_path):
     assert json.loads(out.read_text()) == results  # untouched
 
 
+def test_bench_times_its_score_in_the_run_precision_and_scores_the_release_in_fp32(tmp_path):
+    x, y, x_test, y_test = make_fake_arrays(1100, 200)
+    write_npy(tmp_path / "data", (x, y, x_test, y_test))
+    out, saved = tmp_path / "runs.json", tmp_path / "seed0.pth"
+    first = run_bench(tmp_path, "--runs", "1", "--json", str(out), "--save", str(saved))
+    assert first.returncode == 0, first.stderr
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["score_precision"] == run["precision"] == utils.resolve_precision("cpu", "auto")
+    release = utils.Loaded_model(saved, precision="fp32")
+    assert run["release_test_acc_tta"] == release.score(x_test, y_test)
+    assert run["release_test_acc"] == release.score(x_test, y_test, tta="none")
+    results = json.loads(out.read_text())
+    results["runs"][0]["score_precision"] = "fp32" if run["precision"] == "bf16" else "bf16"
+    out.write_text(json.dumps(results))
+    mixed = run_bench(tmp_path, "--runs", "2", "--json", str(out))  # one protocol is scored in one precision
+    assert mixed.returncode == 2 and "scored in" in mixed.stderr
+    assert json.loads(out.read_text()) == results  # untouched
+
+
 def test_bench_runs_a_named_recipe_and_records_its_name(tmp_path):
     write_npy(tmp_path / "data", make_fake_arrays(2100, 100))
     out = tmp_path / "runs94.json"
