@@ -2,8 +2,8 @@
 
 Per run (seed 0, then 1, 2, ...): the test accuracy single view and with the recipe's test-time views (scored in the
 run's training precision, as airbench scores in its own; a saved release is scored again in fp32 after the clock
-stops), the wall seconds from loading the arrays to the final test accuracy, and those seconds scaled to a machine whose matmul peak in the run's
-precision is 800 GFLOP/s (seconds x measured peak / 800). The peaks are measured in the same process, before the runs.
+stops), the wall seconds from loading the arrays to the final test accuracy, and those seconds scaled to a machine
+whose matmul peak in the run's precision is 800 GFLOP/s (seconds x measured peak / 800). The peaks are measured in the same process, before the runs.
 Run it on an otherwise idle machine, one run at a time.
 
     python bench/speedrun.py [--recipe tier94_sgd] --runs 5 [--epochs E] [--device cpu] [--json FILE] [--save FILE]
@@ -97,9 +97,10 @@ def one_run(cfg, device, peaks, data_dir, save=None):
     run = dict(seed=cfg.seed, test_acc=single, test_acc_tta=views, score_precision=precision, seconds=seconds,
                seconds_at_800=seconds * peaks[precision] / REFERENCE_GFLOPS, precision=precision,
                peak_gflops=peaks[precision], hardware=result["hardware"], epoch_seconds=result["history"]["seconds"])
-    if save:
-        release = dict(zip(("test_acc", "test_acc_tta"), utils.speedrun_scores(result, x_test, y_test, cfg.tta,
-                                                                                device)))
+    if save:  # fp32 figures for the file; a run trained in fp32 has them already
+        scores = (single, views) if precision == "fp32" else utils.speedrun_scores(result, x_test, y_test, cfg.tta,
+                                                                                    device)
+        release = dict(zip(("test_acc", "test_acc_tta"), scores))
         run |= {f"release_{key}": value for key, value in release.items()}
         utils.save_checkpoint(utils.speedrun_checkpoint(cfg, result, seconds=seconds, **release), save)
     return run

@@ -117,9 +117,9 @@ SPEEDRUN_RECIPES = {
     # runs follow only if its validation run reaches 93.84% with the views, 0.1 point above tier94_muon's 93.74%
     # (rule written before the run). Validation: 93.98% with the views, so they follow. The first two, timed with
     # the test set scored in fp32 (seed 0 94.32% in 471 s, seed 1 93.86% in 491 s at 800 GFLOP/s), were stopped
-    # when seed 1 went over: the time outside the epochs, mostly scoring six views of 10,000 images in fp32, was 9%
-    # of each run (85 s of 950). The protocol now scores in
-    # the run's own precision, as airbench does (bench/speedrun.py), and the five runs start again at seed 0.
+    # when seed 1 went over: the time outside the epochs, mostly scoring six views of 10,000 images in fp32, was
+    # 9% of each run (85 s of 950). The protocol now scores in the run's own precision, as airbench does
+    # (bench/speedrun.py), and the five runs start again at seed 0.
     "tier94_muon_8.5": SpeedRunConfig(epochs=8.5, batch_size=2000, micro_batch=250, muon=True, warmup=0.0,
                                       bias_lr_scale=36.0, residual=False),
     # After airbench95: widths 128/384/384, 15 epochs, lr 10 rising over 23% of the steps and ending at 0.07x, no
@@ -303,8 +303,7 @@ def speedrun_scores(result, x, y, tta, device="cpu", precision="fp32"):
 
     fp32 by default whatever the run trained in: the figures `Loaded_model` gives for the saved release (fp32 by
     default for the README). The final protocol's timed score passes the run's own precision instead, as
-    airbench scores in its half precision: the time outside the epochs, mostly scoring six views of 10,000
-    images in fp32, was 9% of a tier94_muon run.
+    airbench scores in its half precision (why: tier94_muon_8.5's comment in SPEEDRUN_RECIPES).
     """
     x_norm, y = speedrun_inputs(*shrink_images_for_tests(x, y))
     return tta_accuracies(result["model"], x_norm, y, tta, device, precision)
